@@ -1,0 +1,273 @@
+"""A compact class-conditional U-Net for ε-prediction: ε_θ(z_λ, λ, c).
+
+Classifier-Free Diffusion Guidance (Ho & Salimans, arXiv 2207.12598) trains one network for
+both the conditional model ε_θ(z_λ, c) and the unconditional one ε_θ(z_λ) = ε_θ(z_λ, ∅).
+Here the null label ∅ is the extra class index `num_classes`, with its own embedding row, so
+it never coincides with a real class (label 0 is the digit zero, not "no label").
+
+The architecture is the DDPM / ADM U-Net (Ho et al. 2020; Dhariwal & Nichol 2021), which the
+paper reuses, switched to continuous time:
+- the noise level enters as u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1), the inverse of the
+  untruncated cosine schedule, through a sinusoidal embedding and a 2-layer MLP;
+- the class embedding is added to that embedding, and the sum is injected into every
+  residual block (GroupNorm → SiLU → conv, + embedding, GroupNorm → SiLU → dropout → conv);
+- self-attention at the configured resolutions, skip connections from every down block.
+
+`PRESETS["cifar10"]` is the DDPM CIFAR-10 network (128 channels, multipliers (1, 2, 2, 2),
+2 residual blocks, attention at 16×16, dropout 0.1): 35.7M parameters.
+
+Checkpoints (written by train.py, read by sample.py) are plain dicts of tensors and Python
+values: `save_checkpoint` writes them atomically, `load_checkpoint` reads them with
+`torch.load(weights_only=True)` (no pickled code runs), and `model_from_checkpoint` rebuilds
+the network from the config stored inside.
+
+This file imports only torch and the standard library. Run `python model.py` to print every
+preset's size.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32  # H = W of the input
+    in_channels: int = 3  # C of the input (and of the predicted ε)
+    channels: int = 128  # base width; level i has channels * channel_mult[i]
+    channel_mult: tuple = (1, 2, 2, 2)  # one entry per resolution level
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attention_resolutions: tuple = (16,)  # resolutions (H) that get self-attention
+    num_heads: int = 1
+    dropout: float = 0.1
+    num_classes: int = 10  # real classes are 0..num_classes−1; num_classes is the null label ∅
+
+
+PRESETS = {
+    # 8×8 scikit-learn digits: trains to recognisable samples in minutes on a CPU.
+    "digits": UNetConfig(image_size=8, in_channels=1, channels=32, channel_mult=(1, 2),
+                         num_res_blocks=1, attention_resolutions=(4,), dropout=0.0),
+    # 28×28 MNIST-family: a few million parameters, sized to train on a CPU.
+    "mnist": UNetConfig(image_size=28, in_channels=1, channels=32, channel_mult=(1, 2, 4),
+                        num_res_blocks=2, attention_resolutions=(7,), dropout=0.1),
+    "fashion-mnist": UNetConfig(image_size=28, in_channels=1, channels=32, channel_mult=(1, 2, 4),
+                                num_res_blocks=2, attention_resolutions=(7,), dropout=0.1),
+    # The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).
+    "cifar10": UNetConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
+                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+}
+
+
+def logsnr_to_unit(logsnr):
+    """u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1): a bounded network input for any λ."""
+    return torch.atan(torch.exp(-0.5 * logsnr)) * (2 / math.pi)
+
+
+def sinusoidal_embedding(x, dim, max_period=10000.0):
+    """(B,) -> (B, dim): [cos(x·f_k), sin(x·f_k)] with log-spaced frequencies f_k (Transformer / DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    angles = x.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # (B, dim)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+def zero_init(module):
+    """Zero the last layer of a residual branch, so every block starts as the identity (ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):  # x: (B, in_ch, H, W), emb: (B, emb_dim)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]  # (B, out_ch, 1, 1) broadcast
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Block(nn.Module):
+    """A residual block, followed by self-attention at the chosen resolutions."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention, num_heads):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = Attention(out_ch, num_heads) if attention else nn.Identity()
+
+    def forward(self, x, emb):
+        return self.attn(self.res(x, emb))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """ε_θ(z_λ, λ, c): forward(z, logsnr, labels) -> eps, with labels == num_classes meaning ∅."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch, emb_dim = config.channels, 4 * config.channels
+        self.null_label = config.num_classes
+
+        self.logsnr_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(config.num_classes + 1, emb_dim)  # last row is ∅
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        # Down path: every module's output is kept for a skip connection.
+        self.down = nn.ModuleList()
+        skip_channels, res, cur = [ch], config.image_size, ch
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                self.down.append(Block(cur, ch * mult, emb_dim, config.dropout,
+                                       res in config.attention_resolutions, config.num_heads))
+                cur = ch * mult
+                skip_channels.append(cur)
+            if level < len(config.channel_mult) - 1:
+                self.down.append(Downsample(cur))
+                skip_channels.append(cur)
+                res = (res + 1) // 2
+
+        self.mid = nn.ModuleList([Block(cur, cur, emb_dim, config.dropout, True, config.num_heads),
+                                  Block(cur, cur, emb_dim, config.dropout, False, config.num_heads)])
+
+        # Up path: num_res_blocks + 1 blocks per level, each eating one skip connection.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                self.up.append(Block(cur + skip_channels.pop(), ch * mult, emb_dim, config.dropout,
+                                     res in config.attention_resolutions, config.num_heads))
+                cur = ch * mult
+            if level > 0:
+                self.up.append(Upsample(cur))
+                res = res * 2  # nominal; Upsample restores the exact size of the skip
+
+        self.norm_out = group_norm(cur)
+        self.conv_out = zero_init(nn.Conv2d(cur, config.in_channels, 3, padding=1))
+
+    def forward(self, z, logsnr, labels):
+        """z: (B, C, H, W); logsnr: (B,) or scalar λ; labels: (B,) long, num_classes = ∅."""
+        logsnr = torch.as_tensor(logsnr, device=z.device, dtype=torch.float32).expand(z.shape[0])
+        # u(λ) ∈ (0, 1) scaled to [0, 1000] so the sinusoid frequencies resolve it as in DDPM.
+        emb = self.logsnr_mlp(sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels))
+        emb = emb + self.label_emb(labels)  # (B, emb_dim)
+
+        h = self.conv_in(z)
+        skips = [h]
+        for module in self.down:
+            h = module(h, emb)
+            skips.append(h)
+        for module in self.mid:
+            h = module(h, emb)
+        for module in self.up:
+            if isinstance(module, Upsample):
+                h = module(h, skips[-1].shape[-2:])
+            else:
+                h = module(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line that says why and what to do."""
+
+
+def save_checkpoint(ckpt, path):
+    """Write `ckpt` to a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a crash at any moment leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint with weights_only=True; raise CheckpointError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one with train.py or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types: UnpicklingError, RuntimeError, EOFError
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path} holds pickled Python objects, not only tensors; refusing to "
+                                  "load it (only load checkpoints written by train.py)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: "
+                              f"{type(e).__name__}); use an intact copy or train again") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'config' or 'ema' entry)")
+    return ckpt
+
+
+def config_to_dict(config):
+    return asdict(config)
+
+
+def config_from_dict(d):
+    """UNetConfig from a stored dict (lists back to tuples)."""
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def model_from_checkpoint(ckpt, weights="ema"):
+    """The UNet described by ckpt['config'], loaded with ckpt[weights] ('ema' or 'model')."""
+    model = UNet(config_from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt[weights])
+    return model
+
+
+if __name__ == "__main__":
+    for name, config in PRESETS.items():
+        model = UNet(config)
+        n = sum(p.numel() for p in model.parameters())
+        z = torch.randn(2, config.in_channels, config.image_size, config.image_size)
+        eps = model(z, torch.zeros(2), torch.tensor([0, config.num_classes]))
+        print(f"{name:14s} {n / 1e6:7.2f}M parameters  input/output {tuple(z.shape[1:])} -> {tuple(eps.shape[1:])}")

@@ -1,0 +1,175 @@
+"""metrics.py against independent references: scipy's matrix square root (the pytorch-fid
+formula), closed-form Fréchet distances between Gaussians, the entropy form of the Inception
+Score, and known extreme cases. Run: python -m pytest -q tests/test_metrics.py"""
+import numpy as np
+import pytest
+import torch
+from scipy import linalg, stats
+
+import metrics
+
+
+def fid_scipy(feats_a, feats_b):
+    """The reference FID of pytorch-fid / the TTUR code: sqrtm(C_a C_b) by scipy, with the usual eps fallback."""
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    diff = mu_a - mu_b
+    return diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean.real)
+
+
+def correlated_features(rng, n, d, shift=0.0):
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mixing + shift + 0.1 * rng.normal(size=d)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a = correlated_features(rng, 2000, 32)
+    b = correlated_features(rng, 1500, 32, shift=0.3)
+    expected = fid_scipy(a, b)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8, abs=1e-9)
+    # torch float32 inputs are computed in float64 too
+    got32 = metrics.frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert got32 == pytest.approx(fid_scipy(a.astype(np.float32).astype(np.float64),
+                                            b.astype(np.float32).astype(np.float64)), rel=1e-7)
+
+
+def test_frechet_distance_of_identical_sets_is_zero():
+    rng = np.random.default_rng(1)
+    a = correlated_features(rng, 500, 64)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-9 * np.trace(np.cov(a, rowvar=False))
+    assert metrics.frechet_distance(a, a.copy()) >= -1e-9
+
+
+def test_frechet_distance_gaussian_closed_forms():
+    # Commuting covariances (diagonal in a shared rotated basis Q):
+    # W2² = ‖μ_a − μ_b‖² + Σ_i (√a_i − √b_i)².
+    rng = np.random.default_rng(2)
+    d = 6
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    var_a, var_b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    mu_a, mu_b = rng.normal(size=d), rng.normal(size=d)
+    cov_a, cov_b = q @ np.diag(var_a) @ q.T, q @ np.diag(var_b) @ q.T
+    closed = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    assert metrics.frechet_distance_from_moments(mu_a, cov_a, mu_b, cov_b) == pytest.approx(closed, rel=1e-10)
+
+    # Non-commuting 2×2: for a 2×2 PSD M, tr √M = √(tr M + 2 √det M), with M ~ C_a C_b.
+    cov_a = np.array([[2.0, 0.8], [0.8, 1.0]])
+    cov_b = np.array([[0.5, -0.3], [-0.3, 1.5]])
+    tr_sqrt = np.sqrt(np.trace(cov_a @ cov_b) + 2 * np.sqrt(np.linalg.det(cov_a) * np.linalg.det(cov_b)))
+    closed = 1.0 + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt
+    got = metrics.frechet_distance_from_moments([1.0, 0.0], cov_a, [0.0, 0.0], cov_b)
+    assert got == pytest.approx(closed, rel=1e-12)
+
+    # From samples: the Gaussian fits of large samples converge to the closed form.
+    n = 200_000
+    feats_a = rng.multivariate_normal([1.0, 0.0], cov_a, size=n)
+    feats_b = rng.multivariate_normal([0.0, 0.0], cov_b, size=n)
+    assert metrics.frechet_distance(feats_a, feats_b) == pytest.approx(closed, abs=0.02)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-10])
+def test_frechet_distance_near_singular_covariance(noise):
+    # Features that live in a k-dim subspace of R^D (k < D and fewer samples than D): the
+    # covariances are singular. FID is invariant under an isometric embedding, so the exact
+    # answer is the FID of the k-dim coordinates, where everything is well conditioned.
+    rng = np.random.default_rng(3)
+    k, d, n = 5, 64, 40
+    basis, _ = np.linalg.qr(rng.normal(size=(d, k)))  # (D, k), orthonormal columns
+    low_a = correlated_features(rng, n, k)
+    low_b = correlated_features(rng, n, k, shift=0.5)
+    high_a = low_a @ basis.T + noise * rng.normal(size=(n, d))
+    high_b = low_b @ basis.T + noise * rng.normal(size=(n, d))
+    got = metrics.frechet_distance(high_a, high_b)
+    assert np.isfinite(got)
+    assert got == pytest.approx(fid_scipy(low_a, low_b), rel=1e-6, abs=1e-7)
+    # identical singular sets: ≈ 0, not NaN and not a large negative number
+    assert abs(metrics.frechet_distance(high_a, high_a)) < 1e-6
+
+
+def inception_score_entropy_form(probs, splits):
+    """IS = exp(H(p(y)) − E_x H(p(y|x))): the mutual-information form, via scipy.stats.entropy."""
+    scores = []
+    for part in np.array_split(probs, splits):
+        scores.append(np.exp(stats.entropy(part.mean(0)) - np.mean([stats.entropy(p) for p in part])))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_matches_entropy_form():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.full(10, 0.3), size=1000)
+    mean, std = metrics.inception_score(probs, splits=10)
+    ref_mean, ref_std = inception_score_entropy_form(probs, 10)
+    assert mean == pytest.approx(ref_mean, rel=1e-10)
+    assert std == pytest.approx(ref_std, rel=1e-8)
+
+
+def test_inception_score_known_cases():
+    k = 7
+    uniform = np.full((700, k), 1.0 / k)
+    assert metrics.inception_score(uniform, splits=10) == pytest.approx((1.0, 0.0), abs=1e-12)
+    one_hot = np.eye(k)[np.tile(np.arange(k), 100)]  # each split of 70 rows holds every class 10 times
+    mean, std = metrics.inception_score(torch.from_numpy(one_hot).float(), splits=10)
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    one_class = np.eye(k)[np.zeros(700, dtype=int)]  # confident but never diverse
+    assert metrics.inception_score(one_class, splits=10)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_classifier_shapes_and_outputs():
+    torch.manual_seed(0)
+    for in_channels, size in [(1, 28), (1, 8), (3, 32)]:
+        clf = metrics.Classifier(in_channels=in_channels, image_size=size)
+        images = torch.randint(0, 256, (5, in_channels, size, size), dtype=torch.uint8)
+        assert clf(images.float() / 127.5 - 1).shape == (5, 10)
+        feats, probs = metrics.classifier_outputs(clf, images, batch_size=2)
+        assert feats.shape == (5, 128) and probs.shape == (5, 10)
+        assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-6)
+        # floats in [-1, 1] are quantised to uint8 first: the same images give the same outputs
+        assert torch.allclose(metrics.classifier_probs(clf, images.float() / 127.5 - 1), probs, atol=1e-6)
+
+
+def test_classifier_train_save_load_and_mnist_metrics(tmp_path):
+    # A tiny smoke run on two separable synthetic "classes" (bright top half vs bright bottom half).
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    images = torch.randint(0, 60, (64, 1, 12, 12), generator=g).to(torch.uint8)
+    images[labels == 0, :, :6] += 180
+    images[labels == 1, :, 6:] += 180
+    clf = metrics.train_classifier(images, labels, epochs=8, batch_size=16, lr=3e-3, max_shift=1,
+                                   log=lambda s: None)
+    assert metrics.accuracy(clf, images, labels) > 0.9
+    path = tmp_path / "clf.pt"
+    metrics.save_classifier(clf, str(path), dataset="toy", test_accuracy=1.0)
+    torch.load(path, weights_only=True)  # plain tensors and values only
+    loaded = metrics.load_classifier(str(path))
+    assert torch.equal(metrics.classifier_probs(loaded, images), metrics.classifier_probs(clf, images))
+    out = metrics.mnist_metrics(loaded, images, labels, metrics.classifier_features(loaded, images), splits=4)
+    assert set(out) == {"fid", "is", "is_std", "accuracy"}
+    assert abs(out["fid"]) < 1e-6 and out["accuracy"] > 0.9 and 1.0 <= out["is"] <= 2.0 + 1e-9
+    with pytest.raises(metrics.CheckpointError, match="train-classifier"):
+        metrics.load_classifier(str(tmp_path / "missing.pt"))
+
+
+def test_missing_torch_fidelity_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        metrics.cifar10_metrics(torch.zeros(10, 3, 32, 32, dtype=torch.uint8))
+    assert metrics.main(["cifar10", "--npz", str(tmp_path / "samples.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install torch-fidelity" in err
+
+
+def test_load_samples_npz_reads_sample_py_layout(tmp_path):
+    # sample.py --npz writes uint8 images as (N, H, W, C), with per-image labels and w
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(6, 4, 5, 3), dtype=np.uint8)
+    path = tmp_path / "s.npz"
+    np.savez(path, images=images, labels=np.arange(6), w=np.array([0, 0, 0, 1, 1, 1.0]))
+    x, labels, w = metrics.load_samples_npz(str(path))
+    assert x.shape == (6, 3, 4, 5) and x.dtype == torch.uint8
+    assert torch.equal(x[2, 1], torch.from_numpy(images[2, :, :, 1]))
+    assert labels.tolist() == list(range(6)) and w.tolist() == [0, 0, 0, 1, 1, 1]

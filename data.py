@@ -1,0 +1,299 @@
+"""The datasets of the paper's kind of experiment, as uint8 tensors: digits, MNIST, Fashion-MNIST, CIFAR-10.
+
+Classifier-Free Diffusion Guidance (Ho & Salimans, arXiv 2207.12598) trains on images x scaled
+to [−1, 1] (the DDPM convention), with class labels c that Algorithm 1 sometimes replaces by ∅:
+
+    images, labels = load_dataset("mnist", "./data")   # uint8 (N, C, H, W), int64 (N,)
+    x = to_model_range(images)                         # x = u / 127.5 − 1 ∈ [−1, 1]
+    u = to_uint8(x)                                    # the inverse (clamped, rounded)
+
+Datasets (`DATASETS`):
+- digits: scikit-learn's bundled 8×8 digits (1,797 images, offline); pixel values 0..16 become
+  round(v · 255 / 16). scikit-learn ships no test split, so train=False raises DataError.
+- mnist, fashion-mnist: the official IDX files (train-images-idx3-ubyte.gz, ...), 1×28×28.
+- cifar10: the official cifar-10-python.tar.gz, 3×32×32 (random flips belong to train.py).
+
+Where files are looked for: data_dir/<name>/ first, then data_dir itself (so a folder holding
+one dataset's files, like ../shared/data/mnist-4k or Debian's /usr/share/datasets/fashion-mnist,
+can be passed directly). Files found there are used as they are, never written to, and checked
+by format rather than checksum (subsets and repackaged copies are fine): gzip integrity, IDX
+header against byte count, labels in 0..9, equal image and label counts. A file that fails is
+moved aside to <file>.corrupt and fetched again, or reported if the folder is read-only.
+
+Missing files are downloaded into data_dir/<name>/ from the official locations (`SOURCES`), or
+from $CFG_DATA_MIRROR/<name>/<file> when that variable is set (e.g. `python -m http.server`
+run in another machine's data folder). Each download streams to a temporary file, must deliver
+exactly Content-Length bytes with the published MD5, and is then renamed into place; a failed
+attempt is retried, and after the last one DataError says which files to place where.
+
+Run `python data.py mnist --data-dir ./data` to load a dataset and print its shape and classes.
+"""
+import gzip
+import hashlib
+import http.client
+import os
+import pickle
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+# name -> (official base URL, {train: ((file, published MD5), ...)})
+SOURCES = {
+    # PyTorch's S3 mirror of yann.lecun.com/exdb/mnist (that site is often unreachable); same files
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        True: (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+               ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")),
+        False: (("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+                ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"))}),
+    # MD5s from github.com/zalandoresearch/fashion-mnist; Debian's dataset-fashion-mnist package
+    # re-gzips the same files, so its copies have other checksums (found files are not checksummed)
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        True: (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+               ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")),
+        False: (("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"))}),
+    # One archive holds both splits: data_batch_1..5 (train) and test_batch
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/", dict.fromkeys(
+        (True, False), (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),))),
+}
+MIRROR_ENV = "CFG_DATA_MIRROR"
+DOWNLOAD_ATTEMPTS = 3
+RETRY_DELAY_S = 1.0  # wait before the 2nd attempt; doubles after each failure
+
+
+class DataError(ValueError):
+    """Unknown dataset, data missing with no network, or a file that cannot be read; one-line message."""
+
+
+class _CorruptFile(Exception):
+    """A file exists but is not in the expected format (the message says how)."""
+
+
+class _DownloadFailed(Exception):
+    """Every download attempt failed (the message says why the last one did)."""
+
+
+def to_model_range(images):
+    """uint8 images u ∈ {0..255} -> float32 x = u / 127.5 − 1 ∈ [−1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """x ∈ [−1, 1] (values outside are clamped) -> uint8 round((x + 1) · 127.5); inverts to_model_range."""
+    return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+# ------------------------------------------------------------------ readers (format checks)
+
+def _read_idx(path, ndim):
+    """An IDX file of unsigned bytes (gzipped) -> numpy array of its header's shape."""
+    try:
+        with open(path, "rb") as f:
+            raw = gzip.decompress(f.read())  # checks the gzip CRC-32 and length trailer
+    except (OSError, EOFError, zlib.error) as e:
+        raise _CorruptFile(f"not a complete gzip file: {e}") from None
+    header = 4 + 4 * ndim
+    # Magic number: two zero bytes, 0x08 (unsigned byte data), then the number of dimensions
+    if len(raw) < header or raw[:4] != bytes((0, 0, 8, ndim)):
+        raise _CorruptFile(f"not an IDX file of {ndim}-d unsigned bytes (magic {raw[:4].hex()})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(shape)):
+        raise _CorruptFile(f"header says {shape} but the file holds {len(raw) - header} data bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds only dicts, lists, bytes and numpy arrays (all a CIFAR-10 batch holds): no code runs."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar10(path, train):
+    """cifar-10-python.tar.gz -> uint8 (N, 3, 32, 32), int64 (N,) of data_batch_1..5 or test_batch."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    batches = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = os.path.basename(member.name)
+                if name in names and member.isfile():
+                    # The official format is a Python 2 pickle of a dict {b"data": uint8 (10000, 3072),
+                    # b"labels": [int], ...}; encoding="bytes" keeps its str keys as bytes.
+                    batches[name] = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+        missing = [n for n in names if n not in batches]
+        if missing:
+            raise _CorruptFile(f"no {', '.join(missing)} inside")
+        data = np.concatenate([np.asarray(batches[n][b"data"], dtype=np.uint8) for n in names])
+        labels = np.concatenate([np.asarray(batches[n][b"labels"], dtype=np.int64) for n in names])
+    except (OSError, EOFError, zlib.error, tarfile.TarError, pickle.UnpicklingError,
+            KeyError, TypeError, ValueError, OverflowError) as e:
+        raise _CorruptFile(f"not a readable CIFAR-10 archive: {type(e).__name__}: {e}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise _CorruptFile(f"batches hold data {data.shape} and {len(labels)} labels")
+    _check_labels(labels)
+    # Each row is the red 32×32 plane, then green, then blue, each row-major
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+
+
+def _check_labels(labels):
+    """Labels must be class indices 0..9."""
+    if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
+        raise _CorruptFile(f"labels outside 0..9 ({labels.min()}..{labels.max()})")
+    return labels
+
+
+# ------------------------------------------------------------------ downloads
+
+def _download(url, path, md5):
+    """Fetch url to path via a temporary file, retrying a transfer that fails, is cut short or has the wrong MD5.
+
+    A server that cannot be reached at all (no network) is reported at once, without retries.
+    """
+    folder, reason = os.path.dirname(path), None
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            print(f"data: download of {url} failed ({reason}); trying again", file=sys.stderr)
+            time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1))
+        try:
+            response = urllib.request.urlopen(url, timeout=60)
+        except urllib.error.HTTPError as e:  # the server answered with an error status
+            reason = f"HTTP {e.code} {e.reason}"
+            continue
+        except (OSError, ValueError) as e:  # refused, unknown host, timeout, bad URL
+            raise _DownloadFailed(f"cannot reach {url} ({getattr(e, 'reason', e)})") from None
+        with response:
+            try:  # the folder is created only once a server answers
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=folder)
+            except OSError as e:
+                raise DataError(f"cannot write to {folder} ({e.strerror}): pass a writable data_dir") from None
+            print(f"data: downloading {url} -> {path}", file=sys.stderr)
+            try:
+                reason = _stream(response, fd, md5)
+                if reason is None:
+                    os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        if reason is None:
+            return
+    raise _DownloadFailed(f"cannot download {url} ({reason}; {DOWNLOAD_ATTEMPTS} attempts)")
+
+
+def _stream(response, fd, md5):
+    """Copy the body into fd: None if it is exactly Content-Length bytes with the MD5, else what went wrong."""
+    expected, n_read, digest = response.length, 0, hashlib.md5()  # length: Content-Length, or None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                n_read += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, http.client.HTTPException) as e:  # reset, timeout, broken chunked encoding
+        return f"{type(e).__name__}: {e}"
+    # http.client ends the body silently when the server closes early: count the bytes ourselves
+    if expected is not None and n_read != expected:
+        return f"connection closed after {n_read} of {expected} bytes"
+    if digest.hexdigest() != md5:
+        return f"MD5 {digest.hexdigest()} instead of the published {md5}"
+    return None
+
+
+def _files_folder(name, data_dir, files):
+    """data_dir/<name>/ if it holds every file, else data_dir if that does, else data_dir/<name>/."""
+    for folder in (os.path.join(data_dir, name), data_dir):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            return folder
+    return os.path.join(data_dir, name)
+
+
+def _read_or_fetch(path, url, md5, read, offline_hint):
+    """read(path) of the file on disk; if it is missing or fails read's format checks, download it first."""
+    if os.path.isfile(path):
+        try:
+            return read(path)
+        except _CorruptFile as e:
+            try:
+                os.replace(path, path + ".corrupt")
+            except OSError as err:  # a read-only folder
+                raise DataError(f"{path} is corrupt ({e}); replace it with {url} "
+                                f"(it cannot be moved aside: {err.strerror})") from None
+            print(f"data: {path} is corrupt ({e}); moved it to {path}.corrupt", file=sys.stderr)
+    try:
+        _download(url, path, md5)
+    except _DownloadFailed as e:
+        raise DataError(f"{e}. {offline_hint}") from None
+    try:
+        return read(path)
+    except _CorruptFile as e:
+        raise DataError(f"{path} from {url} has the published MD5 but cannot be read ({e})") from None
+
+
+def _load_files(name, data_dir, train):
+    """The official files of one split: found in data_dir or downloaded, then read and checked."""
+    official, splits = SOURCES[name]
+    base = f"{os.environ[MIRROR_ENV].rstrip('/')}/{name}/" if os.environ.get(MIRROR_ENV) else official
+    files = dict(splits[train])  # file -> MD5
+    folder = _files_folder(name, data_dir, files)
+    hint = f"With no network, place {' and '.join(files)} (from {official}) in {folder}"
+
+    def get(file, read):
+        return _read_or_fetch(os.path.join(folder, file), base + file, files[file], read, hint)
+
+    if name == "cifar10":
+        return get("cifar-10-python.tar.gz", lambda path: _read_cifar10(path, train))
+    images_file, labels_file = files
+    images = get(images_file, lambda path: _read_idx(path, 3))  # (N, H, W)
+    labels = get(labels_file, lambda path: _check_labels(_read_idx(path, 1)))  # (N,)
+    if len(images) != len(labels):
+        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} "
+                        f"labels (in {folder}): they come from different sets; replace one")
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+# ------------------------------------------------------------------ public entry point
+
+def load_dataset(name, data_dir="./data", train=True):
+    """(images, labels): uint8 (N, C, H, W) and int64 (N,) of the training (or test) split of `name`."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        if not train:
+            raise DataError("scikit-learn's digits has no test split: hold out part of the 1,797 training images")
+        from sklearn.datasets import load_digits  # imported here: only digits needs scikit-learn
+        digits = load_digits()
+        # Pixel values are integers 0..16; scaled to 0..255 as round(v · 255 / 16)
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+        return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target.astype(np.int64))
+    return _load_files(name, data_dir, train)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--test", action="store_true", help="load the test split instead of the training split")
+    args = p.parse_args()
+    try:
+        images, labels = load_dataset(args.dataset, args.data_dir, train=not args.test)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.dataset}: images {tuple(images.shape)} {images.dtype}, values {images.min()}..{images.max()}, "
+          f"labels per class {torch.bincount(labels, minlength=10).tolist()}")

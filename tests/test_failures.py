@@ -1,0 +1,216 @@
+"""train.py when things go wrong (issue 6): kill -9 at several points (one of them halfway through a
+checkpoint write), Ctrl-C, a loss that turns non-finite, and every bad command-line input.
+
+The references are independent of the code under test: an uninterrupted run for the crash test, the
+checkpoint file's bytes before the failure for the NaN test. Test-only hooks live here, not in train.py:
+a slow checkpoint write is made by running train.main under `python -c` with torch.save replaced by a
+version that writes half of the file and then hangs; a non-finite loss is forced with --lr 1e30 (Adam's
+first step moves every weight by about the learning rate, so the next loss overflows).
+
+Runs train.py in subprocesses on the digits preset with OMP_NUM_THREADS=1. About 50 s on 2 CPU cores.
+"""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import train
+from model import PRESETS, UNetConfig, config_to_dict, load_checkpoint, save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "train.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+RUN = ["--dataset", "digits", "--batch-size", "16", "--log-every", "5", "--ckpt-every", "5", "--sample-every", "0",
+       "--warmup-steps", "5", "--seed", "1"]
+STEPS = 30
+
+# train.main with a checkpoint write that stops halfway at step HANG_STEP: the test kills it there.
+SLOW_SAVE = """
+import io, os, sys, time, torch
+import train
+real_save = torch.save
+def save_half_then_hang(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == int(os.environ["HANG_STEP"]):
+        whole = io.BytesIO()
+        real_save(obj, whole)
+        f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        f.flush()
+        open(os.environ["HANG_MARKER"], "w").close()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_half_then_hang
+train.main(sys.argv[1:])
+"""
+
+
+def start(args, script=None, env=None):
+    command = [sys.executable, TRAIN] if script is None else [sys.executable, "-c", script]
+    return subprocess.Popen(command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, **(env or {})}, cwd=REPO)
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"train.py ended early: {process.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def ckpt_step(path):
+    """The step of the checkpoint at `path`, or -1 if there is none yet. It must always load."""
+    return load_checkpoint(path)["step"] if os.path.exists(path) else -1
+
+
+def same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-7, msg=f"{key}.{name}")
+    torch.testing.assert_close(a["losses"], b["losses"], rtol=1e-5, atol=1e-7)
+
+
+def test_kill_9_anywhere_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    reference = subprocess.run([sys.executable, TRAIN, *RUN, "--max-steps", str(STEPS), "--out-dir",
+                                str(tmp_path / "reference")], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    ckpt = str(out / "ckpt.pt")
+    args = RUN + ["--max-steps", str(STEPS), "--out-dir", str(out)]
+
+    # 1. kill -9 halfway through writing the step-10 checkpoint: ckpt.pt is still the whole step-5 one.
+    marker = str(tmp_path / "hanging")
+    run = start(args, script=SLOW_SAVE, env={"HANG_STEP": "10", "HANG_MARKER": marker})
+    wait_for(lambda: os.path.exists(marker), run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert ckpt_step(ckpt) == 5
+    half_written = [f for f in os.listdir(out) if f.startswith("ckpt.pt.tmp")]
+    assert len(half_written) == 1
+
+    # 2. resume, then kill -9 at whatever moment follows the step-15 checkpoint.
+    run = start(args + ["--resume"])
+    wait_for(lambda: ckpt_step(ckpt) >= 15, run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert half_written[0] not in os.listdir(out)  # the resumed run removed the torn temporary file
+    assert "5 steps done" in run.stdout.read()
+
+    # 3. resume, then Ctrl-C: the run finishes its step, saves that step and exits with 130.
+    run = start(args + ["--resume"])
+    wait_for(lambda: ckpt_step(ckpt) >= 20, run)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert "--resume" in stderr.splitlines()[-1] and "Traceback" not in stderr
+    assert 20 <= ckpt_step(ckpt) < STEPS
+
+    # 4. resume to the end: the same weights, EMA and loss history as the run that was never stopped.
+    final = subprocess.run([sys.executable, TRAIN, *args, "--resume"], capture_output=True, text=True, env=ENV,
+                           cwd=REPO)
+    assert final.returncode == 0, final.stderr
+    same_state(load_checkpoint(ckpt), load_checkpoint(str(tmp_path / "reference" / "ckpt.pt")))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = RUN + ["--out-dir", str(tmp_path)]
+    ckpt = str(tmp_path / "ckpt.pt")
+    first = subprocess.run([sys.executable, TRAIN, *args, "--max-steps", "5"], capture_output=True, text=True,
+                           env=ENV, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    with open(ckpt, "rb") as f:
+        good = hashlib.sha256(f.read()).hexdigest()
+    # Step 6 moves every weight by ~1e30; the loss of step 7 overflows; step 10 would be a checkpoint.
+    bad = subprocess.run([sys.executable, TRAIN, *args, "--max-steps", "20", "--lr", "1e30", "--resume"],
+                         capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert bad.returncode == 1
+    message = bad.stderr.strip().splitlines()[-1]
+    assert "loss became" in message and "steps 6-10" in message and "untouched" in message
+    assert "Traceback" not in bad.stderr
+    with open(ckpt, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == good  # not overwritten
+    stored = load_checkpoint(ckpt)
+    assert stored["step"] == 5 and all(torch.isfinite(v).all() for v in stored["model"].values())
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+
+class PickledCode:
+    """Not a tensor or a plain value: torch.load(weights_only=True) must refuse to rebuild it."""
+
+
+def write_checkpoint(path, dataset="digits", config=None, pickled_code=False, truncate=False):
+    ckpt = {"config": config_to_dict(config or PRESETS["digits"]), "ema": {}, "args": {"dataset": dataset}}
+    if pickled_code:
+        ckpt["hook"] = PickledCode()
+        torch.save(ckpt, path)
+    else:
+        save_checkpoint(ckpt, path)
+    if truncate:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+# (flags, a phrase the one-line message must contain, the checkpoint to put in {tmp}/out first).
+OTHER_CONFIG = UNetConfig(**{**config_to_dict(PRESETS["digits"]), "channels": 16})
+BAD_INPUTS = [
+    (["--dataset", "imagenet"], "invalid choice", None),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "place", None),  # offline and no files
+    (["--out-dir", "{tmp}/a_file/sub"], "cannot write to --out-dir", None),
+    (["--p-uncond", "1.5"], "outside [0, 1]", None),
+    (["--p-uncond", "-0.1"], "outside [0, 1]", None),
+    (["--resume", "--out-dir", "{tmp}/out"], "no checkpoint", None),
+    (["--resume", "--out-dir", "{tmp}/out"], "trained on 'mnist'", dict(dataset="mnist")),
+    (["--resume", "--out-dir", "{tmp}/out"], "model config", dict(config=OTHER_CONFIG)),
+    (["--resume", "--out-dir", "{tmp}/out"], "pickled", dict(pickled_code=True)),
+    (["--resume", "--out-dir", "{tmp}/out"], "truncated", dict(truncate=True)),
+    (["--resume", "--out-dir", "{tmp}/out"], "not a complete train.py checkpoint", dict()),  # no weights
+    (["--out-dir", "{tmp}/out"], "add --resume", dict()),
+    (["--max-steps", "0"], "--max-steps must be positive", None),
+    (["--max-steps", "ten"], "invalid int", None),
+    (["--batch-size", "0"], "--batch-size must be positive", None),
+    (["--batch-size", "-8"], "--batch-size must be positive", None),
+    (["--batch-size", "5000"], "larger than the 1797 images", None),
+    (["--log-every", "0"], "--log-every must be positive", None),
+    (["--ckpt-every", "-1"], "--ckpt-every must be positive", None),
+    (["--sample-steps", "0"], "--sample-steps must be positive", None),
+    (["--sample-every", "-1"], "--sample-every must be 0 or more", None),
+    (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more", None),
+    (["--seed", "-1"], "--seed must be 0 or more", None),
+    (["--lr", "0"], "--lr and --grad-clip must be positive", None),
+    (["--lr", "nan"], "--lr and --grad-clip must be positive", None),
+    (["--grad-clip", "0"], "--lr and --grad-clip must be positive", None),
+    (["--ema-decay", "1"], "outside [0, 1)", None),
+    (["--logsnr-schedule", "linear"], "invalid choice", None),
+    (["--device", "tpu0"], "is not a device", None),
+    pytest.param(["--device", "cuda"], "no CUDA device", None,
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+]
+
+
+@pytest.mark.parametrize("flags, phrase, stored", BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_each_bad_input_is_one_line_and_exit_2(flags, phrase, stored, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, "http://127.0.0.1:9")  # no network: a download fails at once
+    monkeypatch.setattr(data, "RETRY_DELAY_S", 0.0)
+    (tmp_path / "a_file").write_text("")
+    if stored is not None:
+        os.makedirs(tmp_path / "out")
+        write_checkpoint(str(tmp_path / "out" / "ckpt.pt"), **stored)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([flag.format(tmp=tmp_path) for flag in flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: ") and phrase in err, err
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    run = start(["--resume", "--out-dir", str(tmp_path)])  # the table above, but as a real process
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr

@@ -1,0 +1,314 @@
+"""train.py against independent references: binomial bounds for label dropout, scipy's hyperbolic-secant
+law (KS test) for λ, a float64 hand computation of Algorithm 1's loss with replayed noise, and, for the
+script, runs that must end with the same weights as an uninterrupted run and a torchrun run whose two
+processes must hold identical weights.
+
+Runs train.py in subprocesses on the digits preset (offline), one thread each (OMP_NUM_THREADS=1:
+deterministic and fast on a shared CPU). Takes about 40 s on 2 CPU cores.
+"""
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import train
+from model import PRESETS, UNet, config_to_dict, load_checkpoint, model_from_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+# A short digits run: small batch, checkpoint every 5 steps, no preview grids.
+RUN = ["--dataset", "digits", "--batch-size", "16", "--log-every", "5", "--ckpt-every", "5", "--sample-every", "0",
+       "--warmup-steps", "5", "--seed", "3"]
+STEPS = 24
+
+
+def run_train(args, timeout=120, script=None):
+    """python train.py ARGS (or python -c SCRIPT ARGS) in the repo; returns the CompletedProcess."""
+    command = [sys.executable, os.path.join(REPO, "train.py")] if script is None else [sys.executable, "-c", script]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+def assert_same_state(a, b):
+    """Two checkpoints hold the same weights, EMA, optimizer moments and loss history (float tolerance)."""
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-5, atol=1e-7, msg=f"{key}.{name}")
+    for i, state in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[name], b["optimizer"]["state"][i][name], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(a["losses"], b["losses"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of STEPS steps, with a sample.py that cannot run (training must go on)."""
+    out = tmp_path_factory.mktemp("reference")
+    script = ("import sys, train; train.SAMPLE_PY = '/nonexistent/sample.py'; "
+              "train.main(sys.argv[1:])")
+    result = run_train(RUN + ["--max-steps", str(STEPS), "--sample-every", "10", "--out-dir", str(out)], script=script)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+# ------------------------------------------------------------------ Algorithm 1, line 3: label dropout
+
+@pytest.mark.parametrize("p_uncond", [0.1, 0.2, 0.5])
+def test_drop_labels_rate_is_binomial_and_uses_the_null_label(p_uncond):
+    n, null = 200_000, 10
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0))
+    out = train.drop_labels(labels, p_uncond, null, generator=torch.Generator().manual_seed(1))
+    dropped = out == null
+    # The count of dropped labels is Binomial(n, p_uncond): within 5 standard deviations.
+    assert abs(dropped.sum().item() - n * p_uncond) < 5 * math.sqrt(n * p_uncond * (1 - p_uncond))
+    # Labels that were not dropped are unchanged; dropped ones are exactly ∅ (never another class).
+    assert torch.equal(out[~dropped], labels[~dropped])
+    assert set(out.unique().tolist()) <= set(range(10)) | {null}
+    # Per example and independent of the class: each class is dropped at the same rate.
+    for c in range(10):
+        k, m = dropped[labels == c].sum().item(), (labels == c).sum().item()
+        assert abs(k - m * p_uncond) < 5 * math.sqrt(m * p_uncond * (1 - p_uncond))
+
+
+def test_drop_labels_edge_cases():
+    labels = torch.arange(10).repeat(100)
+    assert torch.equal(train.drop_labels(labels, 0.0, 10), labels)
+    assert torch.equal(train.drop_labels(labels, 1.0, 10), torch.full_like(labels, 10))
+    assert train.drop_labels(labels, 0.5, 10).dtype == torch.int64
+
+
+# ------------------------------------------------------------------ Algorithm 1, line 4: λ ~ p(λ)
+
+def truncated_sech_cdf(logsnr, logsnr_min=-20.0, logsnr_max=20.0):
+    """CDF of λ = −2 log tan(a u + b), u ~ U(0, 1), derived by hand and written with scipy's hypsecant.
+
+    u(λ) = (arctan(e^{−λ/2}) − b) / a decreases in λ, so P(λ' ≤ λ) = 1 − u(λ), and the density is
+    |du/dλ| = (1/a)·(1/4)·sech(λ/2): λ/2 follows the hyperbolic-secant law (density sech(x)/π, CDF
+    (2/π) arctan(e^x)) truncated to [λ_min/2, λ_max/2].
+    """
+    cdf = scipy.stats.hypsecant.cdf
+    lo, hi = cdf(logsnr_min / 2), cdf(logsnr_max / 2)
+    return (cdf(np.asarray(logsnr, dtype=np.float64) / 2) - lo) / (hi - lo)
+
+
+def test_truncated_sech_cdf_matches_the_closed_form():
+    lam = np.linspace(-20, 20, 41)
+    by_hand = (np.arctan(np.exp(lam / 2)) - np.arctan(np.exp(-10.0))) / (np.arctan(np.exp(10.0)) - np.arctan(np.exp(-10.0)))
+    np.testing.assert_allclose(truncated_sech_cdf(lam), by_hand, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "uniform"])
+def test_sample_logsnr_range_and_density(schedule):
+    logsnr = train.sample_logsnr(50_000, schedule, generator=torch.Generator().manual_seed(2))
+    assert logsnr.shape == (50_000,) and logsnr.dtype == torch.float32
+    assert logsnr.min() >= -20.0 and logsnr.max() <= 20.0
+    cosine = truncated_sech_cdf
+    uniform = scipy.stats.uniform(loc=-20, scale=40).cdf
+    right, wrong = (cosine, uniform) if schedule == "cosine" else (uniform, cosine)
+    assert scipy.stats.kstest(logsnr.double().numpy(), right).pvalue > 1e-3
+    assert scipy.stats.kstest(logsnr.double().numpy(), wrong).pvalue < 1e-10  # the test can tell them apart
+
+
+def test_sample_logsnr_stays_in_range_at_the_ends_of_u(monkeypatch):
+    # u = 0, the smallest and largest float32 uniforms, and 1/2: λ must stay inside [λ_min, λ_max] in float32.
+    u = torch.tensor([0.0, 2 ** -24, 0.5, 1 - 2 ** -24], dtype=torch.float32)
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: u.clone())
+    logsnr = train.sample_logsnr(4, "cosine")
+    b = math.atan(math.exp(-10.0))
+    a = math.atan(math.exp(10.0)) - b
+    expected = -2 * np.log(np.tan(a * u.double().numpy() + b))  # float64 reference
+    assert logsnr.min() >= -20.0 and logsnr.max() <= 20.0
+    np.testing.assert_allclose(logsnr.numpy(), expected, atol=0.02)
+    with pytest.raises(ValueError):
+        train.sample_logsnr(4, "linear")
+
+
+# ------------------------------------------------------------------ Algorithm 1, lines 3-7: the loss
+
+class ToyMLP(torch.nn.Module):
+    """ε_θ for 2-D points: any module with forward(z, logsnr, labels) and null_label works."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.null_label = num_classes
+        self.label_emb = torch.nn.Embedding(num_classes + 1, 16)
+        self.net = torch.nn.Sequential(torch.nn.Linear(2 + 1 + 16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, z, logsnr, labels):
+        return self.net(torch.cat([z, logsnr[:, None] / 20, self.label_emb(labels)], dim=1))
+
+
+def reference_loss(model, x, labels, p_uncond, generator):
+    """Algorithm 1 by hand in float64, replaying the documented draws: ∅ uniforms, λ uniforms, then ε."""
+    B = x.shape[0]
+    drop_label = torch.rand(B, generator=generator) < p_uncond
+    labels = torch.where(drop_label, model.null_label, labels)
+    u = torch.rand(B, generator=generator).double().numpy()
+    b = math.atan(math.exp(-20 / 2))
+    a = math.atan(math.exp(20 / 2)) - b
+    logsnr = -2 * np.log(np.tan(a * u + b))  # λ = −2 log tan(a u + b)
+    eps = torch.randn(x.shape, generator=generator).double()
+    shape = (B,) + (1,) * (x.ndim - 1)
+    alpha = torch.from_numpy(np.sqrt(1 / (1 + np.exp(-logsnr)))).reshape(shape)
+    sigma = torch.from_numpy(np.sqrt(1 / (1 + np.exp(logsnr)))).reshape(shape)
+    z = alpha * x.double() + sigma * eps  # z_λ = α_λ x + σ_λ ε
+    eps_pred = model(z.float(), torch.from_numpy(logsnr).float(), labels).double()
+    return ((eps_pred - eps) ** 2).mean().item(), labels
+
+
+@pytest.mark.parametrize("kind", ["unet", "toy"])
+def test_diffusion_loss_equals_a_hand_computation(kind):
+    torch.manual_seed(0)
+    if kind == "unet":
+        model = UNet(PRESETS["digits"]).eval()
+        # Give the zero-initialised output layers weights, so the prediction depends on every input.
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        x, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6)
+    else:
+        model = ToyMLP()
+        x, labels = torch.randn(64, 2), torch.arange(64) % 3
+    seen = {}
+    model.register_forward_pre_hook(lambda m, inputs: seen.update(labels=inputs[2]))
+    loss = train.diffusion_loss(model, x, labels, p_uncond=0.3, generator=torch.Generator().manual_seed(5))
+    seen_labels = seen["labels"]
+    expected, expected_labels = reference_loss(model, x, labels, 0.3, torch.Generator().manual_seed(5))
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert torch.equal(seen_labels, expected_labels)  # the same labels were dropped to ∅
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss():
+    from data import load_dataset, to_model_range
+    torch.manual_seed(0)
+    images, labels = load_dataset("digits")
+    x, labels = to_model_range(images[:16]), labels[:16]
+    model = UNet(PRESETS["digits"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def fixed_noise_loss():  # the same ∅, λ and ε every time
+        with torch.no_grad():
+            return train.diffusion_loss(model, x, labels, generator=torch.Generator().manual_seed(7)).item()
+
+    before = fixed_noise_loss()
+    for step in range(15):
+        loss = train.diffusion_loss(model, x, labels, generator=torch.Generator().manual_seed(100 + step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    after = fixed_noise_loss()
+    assert before == pytest.approx(1.0, abs=0.1)  # the zero-initialised output predicts ε = 0 at first
+    assert after < 0.7 * before
+
+
+def test_update_ema_is_the_exponential_moving_average():
+    torch.manual_seed(0)
+    model, ema = ToyMLP(), ToyMLP()
+    expected = [p.detach().double().clone() for p in ema.parameters()]
+    for decay in (0.5, 0.9, 0.99):
+        for p in model.parameters():
+            p.data.normal_()
+        train.update_ema(ema, model, decay)
+        expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())]
+    for e, p in zip(expected, ema.parameters()):
+        torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_data_order_is_a_permutation_per_epoch_and_step_seeds_differ():
+    a, b = train.epoch_permutation(1797, 0, 0), train.epoch_permutation(1797, 0, 1)
+    assert torch.equal(a.sort().values, torch.arange(1797)) and not torch.equal(a, b)
+    assert torch.equal(a, train.epoch_permutation(1797, 0, 0))
+    seeds = {train.step_seed(s, step, rank) for s in range(3) for step in range(100) for rank in range(4)}
+    assert len(seeds) == 1200
+
+
+# ------------------------------------------------------------------ the script: checkpoints and resume
+
+def test_checkpoint_round_trip(reference):
+    out, result = reference
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # weights_only=True
+    assert ckpt["step"] == STEPS and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["seed"] == 3
+    assert ckpt["config"] == config_to_dict(PRESETS["digits"])
+    assert ckpt["losses"].shape == (STEPS,) and torch.isfinite(ckpt["losses"]).all()
+    assert ckpt["losses"][-5:].mean() < ckpt["losses"][:5].mean()
+    for weights in ("model", "ema"):
+        model = model_from_checkpoint(ckpt, weights)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, ckpt[weights][name])
+    # The EMA is an average, not a copy; the optimizer state loads into a fresh Adam.
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
+    optimizer = torch.optim.Adam(UNet(PRESETS["digits"]).parameters())
+    optimizer.load_state_dict(ckpt["optimizer"])
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    # sample.py could not run: each preview was a one-line warning and the run went on to the end.
+    warnings = [line for line in result.stderr.splitlines() if "warning: no preview grid" in line]
+    assert len(warnings) == 3 and "Traceback" not in result.stderr  # steps 10, 20 and the last one, 24
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_resume_continues_exactly(reference, tmp_path):
+    out = str(tmp_path)
+    first = run_train(RUN + ["--max-steps", "13", "--out-dir", out])  # stops at 13, between checkpoints
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 13
+    second = run_train(RUN + ["--max-steps", str(STEPS), "--out-dir", out, "--resume"])
+    assert second.returncode == 0, second.stderr
+    assert "--max-steps was 13" in second.stdout  # the changed flag is reported
+    assert_same_state(load_checkpoint(os.path.join(out, "ckpt.pt")),
+                      load_checkpoint(os.path.join(reference[0], "ckpt.pt")))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Each process of the torchrun job keeps a handle on its parameters (through the gradient clipping
+# call) and writes them to params_rank<r>.pt when train.main returns.
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+params = []
+clip = torch.nn.utils.clip_grad_norm_
+def keep_params(parameters, *args, **kwargs):
+    params[:] = list(parameters)
+    return clip(params, *args, **kwargs)
+torch.nn.utils.clip_grad_norm_ = keep_params
+train.main(sys.argv[1:])
+torch.save([p.detach() for p in params], os.path.join({out!r}, "params_rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    out = str(tmp_path / "ddp")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(repo=REPO, out=out))
+    steps = 6
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script), *RUN, "--max-steps", str(steps), "--out-dir", out,
+               "--sample-every", str(steps), "--sample-steps", "4", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=ENV, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(os.path.join(out, f"params_rank{r}.pt")) for r in (0, 1))
+    assert len(rank0) == len(rank1) == len(list(UNet(PRESETS["digits"]).parameters()))
+    for p0, p1 in zip(rank0, rank1):
+        assert torch.equal(p0, p1)  # DDP averages the gradients: every rank takes the same step
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == steps
+    names = [name for name, _ in UNet(PRESETS["digits"]).named_parameters()]
+    for p0, name in zip(rank0, names):
+        assert torch.equal(p0, ckpt["model"][name])
+    # Only rank 0 wrote files: one checkpoint, one preview grid, one loss curve (and the two test dumps).
+    expected = {"ckpt.pt", "loss.png", "params_rank0.pt", "params_rank1.pt"}
+    if os.path.exists(train.SAMPLE_PY):
+        expected.add(f"samples_{steps:07d}.png")
+    assert set(os.listdir(out)) == expected
+    assert result.stdout.count("train.py: digits") == 1  # settings printed once

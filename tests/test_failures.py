@@ -109,7 +109,7 @@ def test_kill_9_anywhere_then_resume_ends_where_an_uninterrupted_run_ends(tmp_pa
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr
     assert "--resume" in stderr.splitlines()[-1] and "Traceback" not in stderr
-    assert 20 <= ckpt_step(ckpt) < STEPS
+    assert 20 <= ckpt_step(ckpt) < STEPS and os.path.exists(out / "loss.png")
 
     # 4. resume to the end: the same weights, EMA and loss history as the run that was never stopped.
     final = subprocess.run([sys.executable, TRAIN, *args, "--resume"], capture_output=True, text=True, env=ENV,
@@ -198,6 +198,7 @@ BAD_INPUTS = [
 def test_each_bad_input_is_one_line_and_exit_2(flags, phrase, stored, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, "http://127.0.0.1:9")  # no network: a download fails at once
     monkeypatch.setattr(data, "RETRY_DELAY_S", 0.0)
+    monkeypatch.chdir(tmp_path)  # the default --out-dir out/<dataset> lands here
     (tmp_path / "a_file").write_text("")
     if stored is not None:
         os.makedirs(tmp_path / "out")

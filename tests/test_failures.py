@@ -55,7 +55,7 @@ def start(args, script=None, env=None):
                             env={**ENV, **(env or {})}, cwd=REPO)
 
 
-def wait_for(condition, process, timeout=120):
+def wait_for(condition, process, timeout=600):
     deadline = time.time() + timeout
     while not condition():
         assert process.poll() is None, f"train.py ended early: {process.communicate()[1][-2000:]}"

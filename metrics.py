@@ -102,15 +102,20 @@ def frechet_distance(feats_a, feats_b):
     return frechet_distance_from_moments(*feature_statistics(feats_a), *feature_statistics(feats_b))
 
 
-def inception_score(probs, splits=10):
+def inception_score(probs, splits=10, shuffle_seed=0):
     """IS = exp E_x[KL(p(y|x) ‖ p(y))] on each of `splits` equal chunks -> (mean, std) over chunks.
 
     probs: (N, K) class probabilities p(y|x), rows summing to 1. p(y) is the mean row of each
     chunk. This is the original definition (Salimans et al. 2016), 10 splits by default.
+    The rows are first put in a fixed random order (seed `shuffle_seed`; None keeps the given
+    order), as torch-fidelity does: samples arrive sorted by class (sample.py writes them so),
+    and chunks of one class each would score IS ≈ 1 however good the samples are.
     """
     probs = torch.as_tensor(_float64(probs))
     if probs.ndim != 2 or probs.shape[0] < splits:
         raise ValueError(f"probs must be (N, K) with N >= splits = {splits}, got shape {tuple(probs.shape)}")
+    if shuffle_seed is not None:
+        probs = probs[torch.randperm(len(probs), generator=torch.Generator().manual_seed(shuffle_seed))]
     scores = []
     n = probs.shape[0]
     for i in range(splits):

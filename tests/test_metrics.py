@@ -102,7 +102,7 @@ def inception_score_entropy_form(probs, splits):
 def test_inception_score_matches_entropy_form():
     rng = np.random.default_rng(4)
     probs = rng.dirichlet(np.full(10, 0.3), size=1000)
-    mean, std = metrics.inception_score(probs, splits=10)
+    mean, std = metrics.inception_score(probs, splits=10, shuffle_seed=None)
     ref_mean, ref_std = inception_score_entropy_form(probs, 10)
     assert mean == pytest.approx(ref_mean, rel=1e-10)
     assert std == pytest.approx(ref_std, rel=1e-8)
@@ -113,10 +113,22 @@ def test_inception_score_known_cases():
     uniform = np.full((700, k), 1.0 / k)
     assert metrics.inception_score(uniform, splits=10) == pytest.approx((1.0, 0.0), abs=1e-12)
     one_hot = np.eye(k)[np.tile(np.arange(k), 100)]  # each split of 70 rows holds every class 10 times
-    mean, std = metrics.inception_score(torch.from_numpy(one_hot).float(), splits=10)
+    mean, std = metrics.inception_score(torch.from_numpy(one_hot).float(), splits=10, shuffle_seed=None)
     assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     one_class = np.eye(k)[np.zeros(700, dtype=int)]  # confident but never diverse
     assert metrics.inception_score(one_class, splits=10)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_does_not_depend_on_sample_order():
+    """sample.py writes samples sorted by class: in that order every chunk holds one class and
+    scores 1. The default fixed shuffle must give about K, as for well-mixed samples."""
+    k, n = 10, 1000
+    sorted_one_hot = torch.from_numpy(np.eye(k)[np.repeat(np.arange(k), n // k)])
+    assert metrics.inception_score(sorted_one_hot, splits=10, shuffle_seed=None)[0] == pytest.approx(1.0)
+    mean, _ = metrics.inception_score(sorted_one_hot, splits=10)
+    assert mean > 0.9 * k  # random chunks of 100 are nearly balanced: exp(H(p(y))) ≈ K
+    reordered = sorted_one_hot[torch.randperm(n, generator=torch.Generator().manual_seed(5))]
+    assert metrics.inception_score(reordered, splits=10)[0] == pytest.approx(mean, rel=0.05)
 
 
 def test_classifier_shapes_and_outputs():

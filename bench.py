@@ -1,0 +1,336 @@
+"""Speed of training and guided sampling, measured against this machine's own matmul rate.
+
+Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). Two costs matter:
+- training (Algorithm 1): one step is train.py's step — `train.diffusion_loss` (drop c to ∅ with
+  probability p_uncond, draw λ and ε, z_λ = α_λ x + σ_λ ε, ‖ε_θ(z_λ, c) − ε‖²), backward, gradient
+  clipping, an Adam step and the EMA update;
+- sampling (Algorithm 2): at w = 0 a step evaluates ε_θ(z_t, c) once; at w ≠ 0 it needs
+  ε̃_t = (1 + w) ε_θ(z_t, c) − w ε_θ(z_t), two evaluations that `sample.guided_eps` runs as one batch
+  of 2B. The guided step should therefore cost at most 2× the unguided one.
+
+What it prints (and writes with --json):
+- the dense matmul rate of this machine in the same run (float32; bfloat16 too on CUDA or with --amp),
+  the best of several square matmuls;
+- per preset: training images/s, model FLOPs per step (counted once with
+  torch.utils.flop_counter.FlopCounterMode: convolutions, matmuls and attention, forward and
+  backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
+  (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
+- per preset: seconds per sampling step for a batch of 64 at w = 0 and w = 1, their ratio, the
+  network evaluations per step actually made, and the time to draw 50,000 samples at T = 256 with
+  guidance at that batch size.
+Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
+timing). On a shared machine the best is the estimate of the unloaded speed, and the matmul rate is
+the best of all its measurements (before and after the model runs); `--threads 1 --cpu-time` times
+with the thread's CPU time, which other processes barely disturb.
+
+On CUDA (not run on the machine this was written on): times are synchronised with
+torch.cuda.synchronize; without --amp, cuDNN convolutions use TF32 by default while the float32
+matmul reference does not, so the float32 "MFU" there can overstate; --amp compares with bfloat16.
+
+    python bench.py                                   # CPU: digits, mnist and cifar10 (a few minutes)
+    python bench.py --presets mnist --iters 10 --json bench.json
+    python bench.py --device cuda --amp --compile     # GPU: bf16 autocast and torch.compile
+    python bench.py --batch-size mnist=128 cifar10=16 --channels-last --fused-adam
+"""
+import argparse
+import copy
+import ctypes
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import PRESETS, UNet
+from sample import sample
+from train import DATASET_DEFAULTS, diffusion_loss, update_ema
+
+CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
+SAMPLE_BATCH = 64
+NUM_SAMPLES, SAMPLE_STEPS, GUIDED_W = 50_000, 256, 1.0  # the "50k samples at T = 256 with guidance" estimate
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters, min_seconds=0.0, clock=time.perf_counter):
+    """Seconds of each call of fn(): `iters` calls, more (up to 10x) until min_seconds have passed."""
+    seconds = []
+    while len(seconds) < iters or (sum(seconds) < min_seconds and len(seconds) < 10 * iters):
+        sync(device)
+        start = clock()
+        fn()
+        sync(device)
+        seconds.append(clock() - start)
+    return seconds
+
+
+def matmul_rate(device, dtype, sizes, clock, repeats=5):
+    """FLOP/s of the fastest n×n @ n×n matmul (2 n³ FLOPs) over the sizes, best of `repeats` each."""
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        best = max(best, 2 * n ** 3 / min(timed(lambda: a @ b, device, repeats, clock=clock)))
+    return best
+
+
+def keep_freed_memory():
+    """glibc malloc: allocations up to 32 MiB come from the heap, and freed heap is not given back to
+    the OS, so each step reuses warm pages instead of page-faulting in fresh zeroed ones. The same
+    as running with MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM, which getrusage reports)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False  # then the peak is the whole process's so far
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+
+
+def build(preset, device, args):
+    """The preset's UNet on `device`, and the network to call (channels_last and/or compiled)."""
+    raw_model = UNet(PRESETS[preset]).to(device)
+    if args.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    net = torch.compile(raw_model) if args.compile else raw_model  # reads null_label / config through
+    return raw_model, net
+
+
+def bench_train(preset, batch_size, device, args):
+    """train.py's step on random data of the preset's shape: FLOPs, times and peak memory."""
+    torch.manual_seed(0)
+    raw_model, net = build(preset, device, args)
+    ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=2e-4, fused=True if args.fused_adam else None)
+    config = PRESETS[preset]
+    x = torch.rand(batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
+    use_amp = args.amp
+
+    def step(model):  # train.py's loop body, minus data loading and logging
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = diffusion_loss(model, x, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        optimizer.step()
+        update_ema(ema, raw_model, 0.9999)
+
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same math
+        step(raw_model)
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):  # compiles here with --compile
+        step(net)
+    has_reset = reset_peak_memory(device)
+    seconds = timed(lambda: step(net), device, args.iters, args.min_seconds, args.clock)
+    return dict(preset=preset, batch_size=batch_size, flops_per_step=flops, seconds_best=min(seconds),
+                seconds_median=statistics.median(seconds), images_per_s=batch_size / min(seconds),
+                flops_per_s=flops / min(seconds), peak_memory_mb=peak_memory_mb(device),
+                peak_memory_kind=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                                  "process RSS" + ("" if has_reset else " (whole run)")))
+
+
+class CountingModel:
+    """Calls the network and counts the images it evaluates (B per evaluation of ε_θ)."""
+
+    def __init__(self, net):
+        self.net, self.images = net, 0
+
+    def __getattr__(self, name):  # config, null_label: read through to the network
+        return getattr(self.net, name)
+
+    def __call__(self, z, logsnr, labels):
+        self.images += len(z)
+        return self.net(z, logsnr, labels)
+
+
+def bench_sample(preset, device, args):
+    """Seconds per step of sample.sample at w = 0 and w = 1 (each call is one step of Algorithm 2)."""
+    torch.manual_seed(0)
+    raw_model, net = build(preset, device, args)
+    raw_model.eval()
+    labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].num_classes
+    result = dict(preset=preset, batch_size=args.sample_batch_size)
+    for w in (0.0, GUIDED_W):
+        counted = CountingModel(net)
+
+        def one_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                sample(counted, labels, w, steps=1)
+
+        for _ in range(args.warmup):
+            one_step()
+        evals_per_step = counted.images / (args.warmup * args.sample_batch_size)
+        seconds = timed(one_step, device, args.sample_iters, args.min_seconds, args.clock)
+        key = f"w{w:g}"
+        result[f"{key}_seconds_best"] = min(seconds)
+        result[f"{key}_seconds_median"] = statistics.median(seconds)
+        result[f"{key}_evals_per_step"] = evals_per_step
+    result["ratio"] = result[f"w{GUIDED_W:g}_seconds_best"] / result["w0_seconds_best"]
+    batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
+    result["hours_50k_T256_guided"] = batches * SAMPLE_STEPS * result[f"w{GUIDED_W:g}_seconds_best"] / 3600
+    return result
+
+
+def parse_batch_sizes(items, presets, device):
+    """'N' for every preset, or 'preset=N' items; the rest default to train.py's batch (CPU: smaller)."""
+    sizes = {p: (CPU_BATCH.get(p) if device.type == "cpu" else None) or DATASET_DEFAULTS[p]["batch_size"]
+             for p in presets}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        if name and name not in PRESETS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--batch-size {item!r}: give N or PRESET=N with N >= 1 (presets: {', '.join(PRESETS)})")
+        for p in ([name] if name else presets):
+            sizes[p] = int(value)
+    return sizes
+
+
+def fail(message):  # bad input: one line on stderr, exit code 2, no traceback
+    print(f"bench.py: error: {message} (see python bench.py --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_tables(report):
+    m = report["machine"]
+    print(f"\n{m['device_name']}, {m['threads']} threads, torch {m['torch']}, {m['clock']} clock; "
+          f"amp={m['amp']} compile={m['compile']} channels_last={m['channels_last']} fused_adam={m['fused_adam']} "
+          f"keep_freed_memory={m['keep_freed_memory']}")
+    for dtype, rate in report["matmul_flops_per_s"].items():
+        print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (best of {report['matmul_sizes']} squares)")
+    print(f"MFU below is FLOP/s over the {report['mfu_vs']} matmul rate.\n")
+    print(f"{'training':10s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
+          f"{'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
+    for r in report["train"]:
+        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
+              f"{r['seconds_median'] * 1e3:8.1f} {r['images_per_s']:8.1f} {r['flops_per_s'] / 1e9:8.1f} "
+              f"{r['mfu']:6.1%} {r['peak_memory_mb']:8.0f}")
+    if report["train"]:
+        print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
+    print(f"\n{'sampling':10s} {'batch':>5s} {'w=0 s/step':>10s} {'w=1 s/step':>10s} {'ratio':>6s} "
+          f"{'evals w=0,1':>11s} {'50k, T=256, w=1':>16s}")
+    for r in report["sample"]:
+        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:10.4f} {r['w1_seconds_best']:10.4f} "
+              f"{r['ratio']:6.2f} {r['w0_evals_per_step']:5.0f},{r['w1_evals_per_step']:<5.0f} "
+              f"{r['hours_50k_T256_guided']:14.2f} h")
+    if report["sample"]:
+        print("(ratio = guided / unguided seconds per step, limit 2.0; best of each)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--presets", nargs="+", default=["digits", "mnist", "cifar10"], choices=list(PRESETS))
+    p.add_argument("--batch-size", nargs="+", default=[], metavar="N|PRESET=N",
+                   help="training batch (default train.py's per-dataset batch; cifar10 on CPU: 8)")
+    p.add_argument("--iters", type=int, default=5, help="timed training steps per preset")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 1; 3 with --compile, which compiles here)")
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="keep timing (up to 10x the iterations) until this much time is measured")
+    p.add_argument("--sample-batch-size", type=int, default=SAMPLE_BATCH)
+    p.add_argument("--sample-iters", type=int, default=3, help="timed sampling steps per preset and w")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (train.py uses it on CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last layout")
+    p.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) (train.py: default Adam)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with this thread's CPU time instead of the wall clock (needs --threads 1): "
+                        "figures that other processes on a shared machine barely disturb")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU, glibc: stop malloc from returning freed tensors to the OS (fewer page faults)")
+    p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.error = fail
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 3 if args.compile else 1
+    if min(args.iters, args.warmup, args.sample_iters, args.sample_batch_size) < 1:
+        fail("--iters, --warmup, --sample-iters and --sample-batch-size must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
+    try:
+        batch_sizes = parse_batch_sizes(args.batch_size, args.presets, device)
+    except ValueError as e:
+        fail(str(e))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available: use --device cpu")
+    if args.cpu_time and (args.threads != 1 or device.type != "cpu"):
+        fail("--cpu-time needs --device cpu --threads 1 (the work must run on this thread)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.clock = time.thread_time if args.cpu_time else time.perf_counter
+    if args.keep_freed_memory and not keep_freed_memory():
+        fail("--keep-freed-memory needs glibc (Linux): mallopt is not available here")
+
+    # The matmul rate is measured before and after the model runs; the best of all is the reference.
+    sizes = (4096, 8192) if device.type == "cuda" else (2048, 4096)
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.amp or device.type == "cuda" else [])
+    rates = {str(d).split(".")[-1]: matmul_rate(device, d, sizes, args.clock) for d in dtypes}
+    train_rows = [bench_train(preset, batch_sizes[preset], device, args) for preset in args.presets]
+    sample_rows = [] if args.no_sample else [bench_sample(preset, device, args) for preset in args.presets]
+    for d in dtypes:
+        name = str(d).split(".")[-1]
+        rates[name] = max(rates[name], matmul_rate(device, d, sizes, args.clock))
+    mfu_vs = "bfloat16" if args.amp else "float32"
+    for row in train_rows:
+        row["mfu"] = row["flops_per_s"] / rates[mfu_vs]
+
+    report = dict(machine=dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
+                               torch=torch.__version__, amp=args.amp, compile=args.compile,
+                               channels_last=args.channels_last, fused_adam=args.fused_adam,
+                               keep_freed_memory=args.keep_freed_memory,
+                               clock="thread CPU time" if args.cpu_time else "wall"),
+                  command=" ".join(["python bench.py"] + (argv if argv is not None else sys.argv[1:])),
+                  matmul_flops_per_s=rates, matmul_sizes=list(sizes), mfu_vs=mfu_vs,
+                  train=train_rows, sample=sample_rows)
+    print_tables(report)
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

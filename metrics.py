@@ -28,11 +28,11 @@ What is here:
   torch-fidelity`, it is imported only when used). Comparable with published numbers.
 
 Commands:
-    python metrics.py train-classifier --dataset mnist --data-dir /work/shared/data/mnist-4k
+    python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
         trains the classifier (a couple of minutes on 2 CPU cores) and saves it to
         out/classifier/mnist.pt; the test accuracy is measured on the t10k split when the data
         directory has one, otherwise on the last 500 images of the training split, held out.
-    python metrics.py mnist --npz samples.npz --dataset mnist --data-dir /work/shared/data/mnist-4k
+    python metrics.py mnist --npz samples.npz --dataset mnist --data-dir ../shared/data/mnist-4k
         MNIST FID / IS / class accuracy of samples written by `sample.py --npz`, per w.
     python metrics.py cifar10 --npz samples.npz
         Inception FID / IS of CIFAR-10 samples written by `sample.py --npz`, per w.

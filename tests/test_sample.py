@@ -1,7 +1,7 @@
 """sample.py against independent references, never against its own recorded output.
 
-- guided_eps: w = 0 and w = −1 against separate evaluations of the network; the one 2B batch
-  against two separate B batches; a stub that records what the model is called with.
+- guided_eps: w = 0 and w = −1 against separate evaluations of the network; the one 2B batch and
+  the two B passes against (1 + w) ε_c − w ε_u in float64; a stub that records the model's calls.
 - Gaussian toys with exact ε* (closed forms, below): then every reference is computed in float64
   numpy/scipy from PAPER.md's formulas, without sample.py:
   * the exact law of Algorithm 2's Markov chain (a linear-Gaussian recursion) at small T;
@@ -68,17 +68,18 @@ def test_w0_is_the_conditional_model_and_w_minus1_the_unconditional(unet):
     assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, -1.0), eps_uncond, rtol=0, atol=1e-6)
 
 
-def test_one_2B_batch_equals_two_separate_evaluations(unet):
-    """Per-example w (any real value, 0 and −1 among them) and scalar w, against (1 + w) ε_c − w ε_u
+@pytest.mark.parametrize("one_batch", [True, False])
+def test_guided_eps_equals_two_separate_evaluations(unet, one_batch):
+    """One 2B batch and two B passes; per-example w (any real value, 0 and −1 among them) and scalar w, against (1 + w) ε_c − w ε_u
     formed in float64 from two separate evaluations."""
     z, logsnr, labels = unet_inputs()
     eps_cond = unet(z, logsnr, labels).double()
     eps_uncond = unet(z, logsnr, torch.full_like(labels, unet.null_label)).double()
     w = torch.tensor([0.0, -1.0, 0.3, 1.0, 4.0, -2.5])
     ref = (1 + w.double()[:, None, None, None]) * eps_cond - w.double()[:, None, None, None] * eps_uncond
-    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, w).double(), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, w, one_batch).double(), ref, rtol=0, atol=1e-5)
     ref = 3.0 * eps_cond - 2.0 * eps_uncond
-    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, 2.0).double(), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, 2.0, one_batch).double(), ref, rtol=0, atol=1e-5)
 
 
 class RecordingStub(torch.nn.Module):
@@ -96,19 +97,22 @@ class RecordingStub(torch.nn.Module):
         return labels.to(z.dtype).reshape(-1, *[1] * (z.ndim - 1)) + z
 
 
-def test_w0_runs_one_B_pass_and_guidance_one_2B_pass():
+def test_w0_runs_one_B_pass_and_guidance_one_2B_batch_or_two_B_passes():
     stub, z, labels = RecordingStub(), torch.zeros(3, 2), torch.tensor([1, 2, 3])
-    for w, calls in [(0.0, [(3, [1, 2, 3])]), (torch.zeros(3), [(3, [1, 2, 3])]),
-                     (2.0, [(6, [1, 2, 3, 7, 7, 7])]), (torch.tensor([0.0, 1.0, 0.0]), [(6, [1, 2, 3, 7, 7, 7])])]:
+    one_2B, two_B = [(6, [1, 2, 3, 7, 7, 7])], [(3, [1, 2, 3]), (3, [7, 7, 7])]
+    for w, one_batch, calls in [(0.0, True, [(3, [1, 2, 3])]), (torch.zeros(3), False, [(3, [1, 2, 3])]),
+                                (2.0, True, one_2B), (torch.tensor([0.0, 1.0, 0.0]), True, one_2B),
+                                (2.0, False, two_B), (torch.tensor([0.0, 1.0, 0.0]), False, two_B)]:
         stub.calls = []
-        eps = SM.guided_eps(stub, z, torch.zeros(3), labels, w)
+        eps = SM.guided_eps(stub, z, torch.zeros(3), labels, w, one_batch)
         w = torch.as_tensor(w).reshape(-1, 1)
         assert stub.calls == calls and torch.equal(eps, (1 + w) * labels[:, None] - w * 7 + 0 * z)
-    # The whole sampler: T passes, each of B or of 2B, and progress(t, T) after each step.
-    for w, size in [(0.0, 3), (1.5, 6)]:
+    # The whole sampler: T steps, each one pass of B, one of 2B or two of B; progress(t, T) after each step.
+    for w, one_batch, sizes in [(0.0, True, [3]), (1.5, True, [6]), (1.5, False, [3, 3])]:
         stub.calls, seen = [], []
-        SM.sample(stub, labels, w, steps=5, shape=(2,), clip_x=False, progress=lambda t, T: seen.append((t, T)))
-        assert [n for n, _ in stub.calls] == [size] * 5 and seen == [(t, 5) for t in range(1, 6)]
+        SM.sample(stub, labels, w, steps=5, shape=(2,), clip_x=False, one_batch=one_batch,
+                  progress=lambda t, T: seen.append((t, T)))
+        assert [n for n, _ in stub.calls] == sizes * 5 and seen == [(t, 5) for t in range(1, 6)]
 
 
 # ---------------------------------------------------------------- Gaussian toys with exact ε*

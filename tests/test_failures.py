@@ -48,6 +48,19 @@ torch.save = save_half_then_hang
 train.main(sys.argv[1:])
 """
 
+# train.main with every step slowed by STEP_SLEEP seconds (the result is unchanged), so that a signal sent
+# after checkpoint k lands well before the run's end however fast the machine trains.
+SLOW_STEPS = """
+import os, sys, time
+import train
+real_update_ema = train.update_ema
+def slow_update_ema(*args):
+    time.sleep(float(os.environ["STEP_SLEEP"]))
+    return real_update_ema(*args)
+train.update_ema = slow_update_ema
+train.main(sys.argv[1:])
+"""
+
 
 def start(args, script=None, env=None):
     command = [sys.executable, TRAIN] if script is None else [sys.executable, "-c", script]
@@ -95,7 +108,8 @@ def test_kill_9_anywhere_then_resume_ends_where_an_uninterrupted_run_ends(tmp_pa
     assert len(half_written) == 1
 
     # 2. resume, then kill -9 at whatever moment follows the step-15 checkpoint.
-    run = start(args + ["--resume"])
+    slow = dict(script=SLOW_STEPS, env={"STEP_SLEEP": "0.1"})
+    run = start(args + ["--resume"], **slow)
     wait_for(lambda: ckpt_step(ckpt) >= 15, run)
     run.send_signal(signal.SIGKILL)
     run.wait()
@@ -103,7 +117,7 @@ def test_kill_9_anywhere_then_resume_ends_where_an_uninterrupted_run_ends(tmp_pa
     assert "5 steps done" in run.stdout.read()
 
     # 3. resume, then Ctrl-C: the run finishes its step, saves that step and exits with 130.
-    run = start(args + ["--resume"])
+    run = start(args + ["--resume"], **slow)
     wait_for(lambda: ckpt_step(ckpt) >= 20, run)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)

@@ -125,9 +125,11 @@ def peak_memory_mb(device):
 
 
 def build(preset, device, args):
-    """The preset's UNet on `device`, and the network to call (channels_last and/or compiled)."""
+    """The preset's UNet on `device`, and the network to call (set up as train.py does, and/or compiled)."""
     raw_model = UNet(PRESETS[preset]).to(device)
-    if args.channels_last:
+    if args.speed_up_cpu:
+        raw_model = speed_up_cpu(raw_model)  # as train.py and sample.py on CPU
+    elif args.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     net = torch.compile(raw_model) if args.compile else raw_model  # reads null_label / config through
     return raw_model, net
@@ -184,8 +186,8 @@ class CountingModel:
 def bench_sample(preset, device, args):
     """Seconds per step of sample.sample (steps=1: one step of Algorithm 2) at w = 0, and at w = 1 with
     the two evaluations both as one batch of 2B (sample.py's default) and as two passes of B
-    (one_batch=False). The three are timed in turn, round after round,
-    so that a slow spell on a shared machine hits them alike; ratios are of the best times."""
+    (one_batch=False). The three are timed in turn, round after round, so that a slow spell on a
+    shared machine hits them alike; ratios are of the best times."""
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
@@ -314,9 +316,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.clock = time.thread_time if args.cpu_time else time.perf_counter
     args.speed_up_cpu = device.type == "cpu" and not args.plain
-    if args.speed_up_cpu:
-        speed_up_cpu()  # malloc keeps freed memory, as in train.py and sample.py on CPU
-    args.channels_last = args.channels_last or args.speed_up_cpu
 
     # The matmul rate is measured before each preset's training and at the end; on a shared machine
     # the best of all is the closest to the unloaded rate, and the safest reference for MFU.
@@ -343,8 +342,7 @@ def main(argv=None):
 
     report = dict(machine=dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
                                torch=torch.__version__, amp=args.amp, compile=args.compile,
-                               channels_last=args.channels_last,
-                               speed_up_cpu=args.speed_up_cpu,
+                               channels_last=args.channels_last or args.speed_up_cpu, speed_up_cpu=args.speed_up_cpu,
                                clock="thread CPU time" if args.cpu_time else "wall"),
                   command=" ".join(["python bench.py"] + (argv if argv is not None else sys.argv[1:])),
                   matmul_flops_per_s=rates, matmul_routes=routes, matmul_sizes=list(sizes), mfu_vs=mfu_vs,

@@ -93,8 +93,9 @@ class Dropout(nn.Module):
     On CPU, F.dropout draws one Bernoulli number per element on a single thread, which costs about
     10% of an MNIST training step. Here one full-range 64-bit draw (random_(−2⁶³, None)) gives two
     32-bit uniforms u, and an element is kept where u ≥ p·2³² − 2³¹: a keep probability exact to 2⁻³²,
-    finer than the float32 uniforms F.dropout compares, at a third of the cost. On other devices
-    F.dropout's fused kernel is already fast and is used as it is.
+    finer than the float32 uniforms F.dropout compares; the draw costs a third of F.dropout's, the
+    layer (forward and backward) half. On other devices F.dropout's fused kernel is already fast and
+    is used as it is.
     """
 
     def __init__(self, p):
@@ -293,13 +294,14 @@ def config_from_dict(d):
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def speed_up_cpu(model=None):
+def speed_up_cpu(model):
     """CPU settings that train.py and sample.py apply (bench.py --plain measures without them).
     Returns model in the channels_last memory layout (NHWC), whose oneDNN convolutions are faster
-    (cifar10 forward at B = 64 on a 2-core AMD EPYC: 50 → 38 ms per image). And tells glibc's malloc
-    to keep freed memory for reuse (never mmap, never trim): otherwise every tensor over 32 MiB is
-    fresh pages from the OS, zeroed on first touch, and a cifar10 sampling step spends a third of its
-    time page-faulting. The process then holds on to its peak memory until it exits. Not for GPUs."""
+    (cifar10 forward at B = 64 on a 2-core AMD EPYC: 50 → 38 ms per image). And tells glibc's malloc,
+    for the whole process, to keep freed memory for reuse (never mmap, never trim): otherwise every
+    tensor over 32 MiB is fresh pages from the OS, zeroed on first touch, and a cifar10 sampling step
+    spends a third of its time page-faulting. The process then holds on to its peak memory until it
+    exits. Not for GPUs."""
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -307,7 +309,7 @@ def speed_up_cpu(model=None):
         mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
     except (OSError, AttributeError):  # not glibc: nothing to set
         pass
-    return None if model is None else model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)
 
 
 def model_from_checkpoint(ckpt, weights="ema"):

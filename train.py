@@ -128,7 +128,7 @@ def update_ema(ema, model, decay):
 
 def adam(params, lr):
     """DDPM's optimizer: Adam, betas (0.9, 0.999). fused=True updates each tensor in one kernel
-    instead of a dozen (the same math; 2.4× faster on CPU for the mnist preset)."""
+    instead of a dozen (the same math; the mnist preset's optimizer step on CPU: 7.3 → 3.0 ms)."""
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 

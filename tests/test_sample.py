@@ -70,8 +70,8 @@ def test_w0_is_the_conditional_model_and_w_minus1_the_unconditional(unet):
 
 @pytest.mark.parametrize("one_batch", [True, False])
 def test_guided_eps_equals_two_separate_evaluations(unet, one_batch):
-    """One 2B batch and two B passes; per-example w (any real value, 0 and −1 among them) and scalar w, against (1 + w) ε_c − w ε_u
-    formed in float64 from two separate evaluations."""
+    """One 2B batch and two B passes; per-example w (any real value, 0 and −1 among them) and scalar w,
+    against (1 + w) ε_c − w ε_u formed in float64 from two separate evaluations."""
     z, logsnr, labels = unet_inputs()
     eps_cond = unet(z, logsnr, labels).double()
     eps_uncond = unet(z, logsnr, torch.full_like(labels, unet.null_label)).double()

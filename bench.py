@@ -1,9 +1,9 @@
 """Speed of training and guided sampling, measured against this machine's own matmul rate.
 
 Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). Two costs matter:
-- training (Algorithm 1): one step is train.py's step — `train.diffusion_loss` (drop c to ∅ with
-  probability p_uncond, draw λ and ε, z_λ = α_λ x + σ_λ ε, ‖ε_θ(z_λ, c) − ε‖²), backward, gradient
-  clipping, an Adam step and the EMA update;
+- training (Algorithm 1): one step is `train.train_step` with train.py's settings for the preset
+  (`train.parse_args`): drop c to ∅ with probability p_uncond, draw λ and ε, z_λ = α_λ x + σ_λ ε,
+  ‖ε_θ(z_λ, c) − ε‖², backward, gradient clipping, an Adam step and the EMA update;
 - sampling (Algorithm 2): at w = 0 a step evaluates ε_θ(z_t, c) once; at w ≠ 0 it needs
   ε̃_t = (1 + w) ε_θ(z_t, c) − w ε_θ(z_t), two evaluations that `sample.guided_eps` runs as one batch
   of 2B. The guided step should therefore cost at most 2× the unguided one.
@@ -17,24 +17,25 @@ What it prints (and writes with --json):
   backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
   (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
 - per preset: seconds per sampling step for a batch of 64 at w = 0 and at w = 1, the latter both as
-  one batch of 2B (sample.py's way) and as two passes of B (guided_eps(one_batch=False)), the ratios
-  to w = 0, and the time to draw 50,000 samples at T = 256 with guidance at that batch size.
-On CPU the model is set up as train.py and sample.py set it up (model.speed_up_cpu: channels_last,
-and malloc keeps freed memory); --plain measures without.
+  one batch of 2B (`sample.guided_eps`) and as two passes of B (`two_passes` below), the ratios to
+  w = 0, and the time to draw 50,000 guided samples at T = 256 (Algorithm 2) and at the fast
+  sampler's default T at that batch size.
+On CPU, malloc keeps freed memory for the whole run, as in sample.py (fast_cpu.keep_freed_memory;
+it makes no measurable difference to training, which does not use it); --plain measures without.
 Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
 timing). On a shared machine the best is the estimate of the unloaded speed, and the matmul rate is
 the best of all its measurements (before each preset and at the end); `--threads 1 --cpu-time` times
 with the thread's CPU time, which other processes barely disturb.
 
-On CUDA (not run on the machine this was written on): times are synchronised with
-torch.cuda.synchronize; without --amp, cuDNN convolutions use TF32 by default while the float32
-matmul reference does not, so the float32 "MFU" there can overstate; --amp compares with bfloat16.
+On CUDA: times are synchronised with torch.cuda.synchronize; without --amp, cuDNN convolutions use
+TF32 by default while the float32 matmul reference does not, so the float32 "MFU" there can
+overstate; --amp compares with bfloat16.
 
     python bench.py                                   # CPU: digits, mnist and cifar10 (a few minutes)
     python bench.py --presets mnist --iters 10 --json bench.json
     python bench.py --device cuda --amp --compile     # GPU: bf16 autocast and torch.compile
     python bench.py --batch-size mnist=128 cifar10=16
-    python bench.py --plain                           # CPU: as before speed_up_cpu (NCHW, default malloc)
+    python bench.py --plain                           # CPU: without fast_cpu (glibc malloc's defaults)
 """
 import argparse
 import copy
@@ -50,13 +51,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import PRESETS, UNet, speed_up_cpu
-from sample import sample
-from train import DATASET_DEFAULTS, adam, diffusion_loss, update_ema
+import fast_cpu
+from model import PRESETS, UNet
+from sample import DEFAULTS, guided_eps, sample
+from train import DATASET_DEFAULTS, parse_args, train_step
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64
-NUM_SAMPLES, SAMPLE_STEPS, GUIDED_W = 50_000, 256, 1.0  # the "50k samples at T = 256 with guidance" estimate
+NUM_SAMPLES, GUIDED_W = 50_000, 1.0  # the "50k guided samples" estimate
 
 
 def sync(device):
@@ -110,7 +112,7 @@ def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:  # glibc: give freed heap back first; speed_up_cpu's malloc keeps it (the matmul timings' too)
+    try:  # glibc: give freed heap back first; fast_cpu's malloc setting keeps it (the matmul timings' too)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -132,33 +134,24 @@ def peak_memory_mb(device):
 def build(preset, device, args):
     """The preset's UNet on `device`, and the network to call (set up as train.py does, and/or compiled)."""
     raw_model = UNet(PRESETS[preset]).to(device)
-    if args.speed_up_cpu:
-        raw_model = speed_up_cpu(raw_model)  # as train.py and sample.py on CPU
-    elif args.channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
     net = torch.compile(raw_model) if args.compile else raw_model  # reads null_label / config through
     return raw_model, net
 
 
 def bench_train(preset, batch_size, device, args):
-    """train.py's step on random data of the preset's shape: FLOPs, times and peak memory."""
+    """train.py's step (train.train_step with the preset's settings) on random data of the preset's shape:
+    FLOPs, times and peak memory."""
     torch.manual_seed(0)
+    settings = parse_args(["--dataset", preset] + (["--amp"] if args.amp else []))
     raw_model, net = build(preset, device, args)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
-    optimizer = adam(raw_model.parameters(), 2e-4)  # train.py's
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=settings.lr)  # as in train.py
     config = PRESETS[preset]
     x = torch.rand(batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
-    use_amp = args.amp
 
     def step(model):  # train.py's loop body, minus data loading and logging
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = diffusion_loss(model, x, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
-        optimizer.step()
-        update_ema(ema, raw_model, 0.9999)
+        train_step(model, ema, optimizer, x, labels, config.num_classes, 1000, settings)
 
     with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same math
         step(raw_model)
@@ -188,22 +181,30 @@ class CountingModel:
         return self.net(z, logsnr, labels)
 
 
+def two_passes(model, z, logsnr, labels, w):
+    """guided_eps with the two evaluations as two passes of B instead of one batch of 2B (a guidance rule
+    with the same arguments, so sample() takes it): half the activation memory, timed here against 2B."""
+    eps_cond = model(z, logsnr, labels)
+    eps_uncond = model(z, logsnr, torch.full_like(labels, model.null_label))
+    return (1 + w) * eps_cond - w * eps_uncond
+
+
 def bench_sample(preset, device, args):
     """Seconds per step of sample.sample (steps=1: one step of Algorithm 2) at w = 0, and at w = 1 with
-    the two evaluations both as one batch of 2B (sample.py's default) and as two passes of B
-    (one_batch=False). The three are timed in turn, round after round, so that a slow spell on a
-    shared machine hits them alike; ratios are of the best times."""
+    the two evaluations both as one batch of 2B (guided_eps, sample.py's) and as two passes of B
+    (two_passes). The three are timed in turn, round after round, so that a slow spell on a shared
+    machine hits them alike; ratios are of the best times."""
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
     labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].num_classes
-    variants = {"w0": (0.0, True), "w1_one_batch": (GUIDED_W, True), "w1_two_passes": (GUIDED_W, False)}
+    variants = {"w0": (0.0, guided_eps), "w1_one_batch": (GUIDED_W, guided_eps), "w1_two_passes": (GUIDED_W, two_passes)}
     counted = {key: CountingModel(net) for key in variants}
 
     def one_step(key):
-        w, one_batch = variants[key]
+        w, rule = variants[key]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            sample(counted[key], labels, w, steps=1, one_batch=one_batch)
+            sample(counted[key], labels, w, steps=1, guidance=rule)
 
     for _ in range(args.warmup):
         for key in variants:
@@ -223,7 +224,9 @@ def bench_sample(preset, device, args):
         result[f"ratio_{key[3:]}"] = result[f"{key}_seconds_best"] / result["w0_seconds_best"]
     result["ratio"] = result["ratio_one_batch"]  # sample.py's way
     batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
-    result["hours_50k_T256_guided"] = batches * SAMPLE_STEPS * result["w1_one_batch_seconds_best"] / 3600
+    result["hours_50k_T256_guided"] = batches * 256 * result["w1_one_batch_seconds_best"] / 3600
+    result["fast_sampler"], result["fast_steps"] = "dpmpp2m", DEFAULTS["dpmpp2m"]["steps"]
+    result["hours_50k_fast_guided"] = batches * DEFAULTS["dpmpp2m"]["steps"] * result["w1_one_batch_seconds_best"] / 3600
     return result
 
 
@@ -248,8 +251,7 @@ def fail(message):  # bad input: one line on stderr, exit code 2, no traceback
 def print_tables(report):
     m = report["machine"]
     print(f"\n{m['device_name']}, {m['threads']} threads, torch {m['torch']}, {m['clock']} clock; "
-          f"amp={m['amp']} compile={m['compile']} channels_last={m['channels_last']} "
-          f"speed_up_cpu={m['speed_up_cpu']}")
+          f"amp={m['amp']} compile={m['compile']} fast_cpu={m['fast_cpu']}")
     for dtype, rate in report["matmul_flops_per_s"].items():
         by_route = ", ".join(f"{route} {r / 1e9:,.1f}" for route, r in report["matmul_routes"][dtype].items())
         print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (fastest of {by_route}; "
@@ -265,13 +267,14 @@ def print_tables(report):
     if not report["sample"]:
         return
     print(f"\n{'sampling':10s} {'batch':>5s} {'w=0':>8s} {'w=1: 2B':>8s} {'2 × B':>8s} {'ratio 2B':>8s} "
-          f"{'2 × B':>6s} {'50k, T=256, w=1':>16s}")
+          f"{'2 × B':>6s} {'50k, T=256, w=1':>16s} {'50k, fast, w=1':>15s}")
     for r in report["sample"]:
         print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:8.4f} {r['w1_one_batch_seconds_best']:8.4f} "
               f"{r['w1_two_passes_seconds_best']:8.4f} {r['ratio_one_batch']:8.2f} {r['ratio_two_passes']:6.2f} "
-              f"{r['hours_50k_T256_guided']:14.2f} h")
-    print("(seconds per step, best of each; w = 1 as one batch of 2B, sample.py's way, which the 50k column\n"
-          " uses, and as two passes of B; ratio = guided / unguided, limit 2.0)")
+              f"{r['hours_50k_T256_guided']:14.2f} h {r['hours_50k_fast_guided']:13.2f} h")
+    print("(seconds per step, best of each; w = 1 as one batch of 2B, sample.py's way, which the 50k columns\n"
+          f" use, and as two passes of B; ratio = guided / unguided, limit 2.0; fast: "
+          f"{report['sample'][0]['fast_sampler']} at T = {report['sample'][0]['fast_steps']})")
 
 
 def main(argv=None):
@@ -288,10 +291,8 @@ def main(argv=None):
     p.add_argument("--sample-iters", type=int, default=3, help="timed sampling steps per preset and w")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (train.py uses it on CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true",
-                   help="CUDA: the model in channels_last layout (on CPU it is, as in train.py, unless --plain)")
     p.add_argument("--plain", action="store_true",
-                   help="CPU: without model.speed_up_cpu (train.py and sample.py use it): the NCHW layout and "
+                   help="CPU: without fast_cpu.keep_freed_memory (sample.py uses it): "
                         "glibc malloc's defaults")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--cpu-time", action="store_true",
@@ -320,7 +321,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.clock = time.thread_time if args.cpu_time else time.perf_counter
-    args.speed_up_cpu = device.type == "cpu" and not args.plain
+    if device.type == "cpu" and not args.plain:
+        fast_cpu.keep_freed_memory()  # as sample.py does
 
     # The matmul rate is measured before each preset's training and at the end; on a shared machine
     # the best of all is the closest to the unloaded rate, and the safest reference for MFU.
@@ -347,7 +349,7 @@ def main(argv=None):
 
     report = dict(machine=dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
                                torch=torch.__version__, amp=args.amp, compile=args.compile,
-                               channels_last=args.channels_last or args.speed_up_cpu, speed_up_cpu=args.speed_up_cpu,
+                               fast_cpu=device.type == "cpu" and not args.plain,
                                clock="thread CPU time" if args.cpu_time else "wall"),
                   command=" ".join(["python bench.py"] + (argv if argv is not None else sys.argv[1:])),
                   matmul_flops_per_s=rates, matmul_routes=routes, matmul_sizes=list(sizes), mfu_vs=mfu_vs,

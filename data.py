@@ -45,6 +45,10 @@ import numpy as np
 import torch
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+# Images per class held out of training for the metrics (split_holdout), where the data may have no
+# test split: ../shared/data/mnist-4k is 4,000 training digits. train.py (--holdout) and metrics.py
+# both default to it, so the diffusion model, the metrics classifier and the FID reference agree.
+HOLDOUT = {"mnist": 200}
 
 # name -> (official base URL, {train: ((file, published MD5), ...)})
 SOURCES = {
@@ -267,7 +271,23 @@ def _load_files(name, data_dir, train):
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-# ------------------------------------------------------------------ public entry point
+# ------------------------------------------------------------------ public entry points
+
+def split_holdout(images, labels, per_class):
+    """Hold out the last `per_class` images of each class (in file order) from a training split.
+
+    Returns (train_images, train_labels, held_images, held_labels). The held-out images are the ones
+    that train.py (--holdout) and the metrics classifier never see, so FID against them cannot be won
+    by memorising the training images."""
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    if per_class > 0:
+        for c in labels.unique():
+            index = torch.nonzero(labels == c).flatten()
+            if len(index) <= per_class:
+                raise DataError(f"class {int(c)} has only {len(index)} images: cannot hold out {per_class} of them")
+            held[index[-per_class:]] = True
+    return images[~held], labels[~held], images[held], labels[held]
+
 
 def load_dataset(name, data_dir="./data", train=True):
     """(images, labels): uint8 (N, C, H, W) and int64 (N,) of the training (or test) split of `name`."""

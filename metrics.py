@@ -29,11 +29,16 @@ What is here:
 
 Commands:
     python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
-        trains the classifier (a couple of minutes on 2 CPU cores) and saves it to
-        out/classifier/mnist.pt; the test accuracy is measured on the t10k split when the data
-        directory has one, otherwise on the last 500 images of the training split, held out.
+        trains the classifier (minutes on 2 CPU cores) and saves it to out/classifier/mnist.pt,
+        leaving out the held-out images (`load_splits`), on which it reports its accuracy.
     python metrics.py mnist --npz samples.npz --dataset mnist --data-dir ../shared/data/mnist-4k
-        MNIST FID / IS / class accuracy of samples written by `sample.py --npz`, per w.
+        MNIST FID / IS / class accuracy of samples written by `sample.py --npz`, per w, against
+        half of the held-out real images, and the real-data floor from the other half.
+
+Held-out real images (`load_splits`): FID against the training images could be won by a model
+that memorised them, so the reference is real images nothing was trained on: the test split
+(t10k) where there is one, else the last --holdout images of each class (mnist: 200 per class,
+data.HOLDOUT), which `python train.py --dataset mnist` leaves out of training by the same rule.
     python metrics.py cifar10 --npz samples.npz
         Inception FID / IS of CIFAR-10 samples written by `sample.py --npz`, per w.
 """
@@ -51,7 +56,6 @@ import data
 from model import CheckpointError, save_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-HOLDOUT = 500  # training images held out for the test accuracy when the data has no t10k split
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def random_shift(x, max_shift, generator=None):
     return torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
 
 
-def train_classifier(images, labels, epochs=15, batch_size=128, lr=1e-3, max_shift=2, seed=0, device="cpu",
+def train_classifier(images, labels, epochs=40, batch_size=128, lr=1e-3, max_shift=2, seed=0, device="cpu",
                      log=print):
     """Train a `Classifier` with Adam on uint8 images (N, C, H, W) and int64 labels (N,),
     augmenting with random translations of up to `max_shift` pixels."""
@@ -272,20 +276,53 @@ def load_classifier(path, map_location="cpu"):
     return clf.eval()
 
 
-def load_test_split(dataset, data_dir):
-    """(train images, train labels, test images, test labels, description of the test split).
+def load_splits(dataset, data_dir, holdout=None):
+    """The real images of one MNIST-family dataset, split for honest metrics.
 
-    Uses the dataset's own test split (t10k) when the data directory has it; otherwise holds
-    out the last HOLDOUT images of the training split, which are then not trained on.
+    Returns dict(train=(images, labels), held=(images, labels), held_name=str). `held` is what neither
+    the diffusion model nor the metrics classifier trains on: the last `holdout` images of each class
+    of the training split (data.split_holdout, as train.py --holdout leaves them out) when holdout > 0,
+    else the dataset's test split (t10k). holdout=None takes data.HOLDOUT's per-dataset default.
     """
+    holdout = data.HOLDOUT.get(dataset, 0) if holdout is None else holdout
     images, labels = data.load_dataset(dataset, data_dir, train=True)
+    train_x, train_y, held_x, held_y = data.split_holdout(images, labels, holdout)
+    if holdout > 0:
+        return dict(train=(train_x, train_y), held=(held_x, held_y),
+                    held_name=f"the last {holdout} training images of each class ({len(held_y)}), held out")
     try:
-        test_images, test_labels = data.load_dataset(dataset, data_dir, train=False)
-        return images, labels, test_images, test_labels, f"the {len(test_images)}-image test split"
-    except data.DataError:
-        n = len(images) - HOLDOUT
-        return (images[:n], labels[:n], images[n:], labels[n:],
-                f"the last {HOLDOUT} training images, held out (no test split in {data_dir})")
+        held_x, held_y = data.load_dataset(dataset, data_dir, train=False)
+    except data.DataError as e:
+        raise data.DataError(f"no test split to measure against ({e}); or hold out training images "
+                             "with --holdout N (images per class)") from None
+    return dict(train=(train_x, train_y), held=(held_x, held_y), held_name=f"the {len(held_y)}-image test split")
+
+
+def reference_and_floor(held_images, held_labels):
+    """Split held-out real images in two halves by alternating index (both keep the class balance):
+    the FID reference, and a disjoint pool from which the real-data floor is drawn."""
+    return (held_images[0::2], held_labels[0::2]), (held_images[1::2], held_labels[1::2])
+
+
+def real_floor(clf, floor_images, floor_labels, ref_feats, n, seed=0):
+    """The metrics of n real held-out images that are not in the reference: what real data scores at
+    this sample count (FID's bias grows as n shrinks), the floor to print beside every result."""
+    if n > len(floor_labels):
+        raise ValueError(f"a floor at n = {n} needs {n} held-out images outside the reference; "
+                         f"there are {len(floor_labels)}")
+    pick = torch.randperm(len(floor_labels), generator=torch.Generator().manual_seed(seed))[:n]
+    return mnist_metrics(clf, floor_images[pick], floor_labels[pick], ref_feats)
+
+
+def nearest_distances(images, reference, batch_size=1000):
+    """For each image, the Euclidean pixel distance (in [−1, 1] units) to its nearest image in `reference`:
+    a memorisation check (compare samples' distances to the training set with held-out real images')."""
+    a = _as_model_range(torch.as_tensor(images)).flatten(1).double()
+    b = _as_model_range(torch.as_tensor(reference)).flatten(1).double()
+    out = []
+    for start in range(0, len(a), batch_size):
+        out.append(torch.cdist(a[start:start + batch_size], b).min(dim=1).values)
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,17 +407,21 @@ def main(argv=None):
     p = sub.add_parser("train-classifier", help="train the MNIST-family metrics classifier")
     p.add_argument("--dataset", default="mnist", choices=[d for d in data.DATASETS if d != "cifar10"])
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="default: out/classifier/<dataset>.pt")
+    p.add_argument("--holdout", type=int, default=None, help="images per class held out (as train.py "
+                   "--holdout; default per dataset: " + ", ".join(f"{k} {v}" for k, v in data.HOLDOUT.items()) +
+                   ", else 0, which uses the test split)")
     p = sub.add_parser("mnist", help="MNIST-family FID / IS / accuracy of sample.py --npz output")
     p.add_argument("--npz", required=True)
     p.add_argument("--dataset", default="mnist", choices=[d for d in data.DATASETS if d != "cifar10"])
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
+    p.add_argument("--holdout", type=int, default=None, help="as for train-classifier")
     p = sub.add_parser("cifar10", help="Inception FID / IS (torch-fidelity) of sample.py --npz output")
     p.add_argument("--npz", required=True)
     p.add_argument("--batch-size", type=int, default=64)
@@ -389,7 +430,8 @@ def main(argv=None):
 
     try:
         if args.command == "train-classifier":
-            train_x, train_y, test_x, test_y, test_name = load_test_split(args.dataset, args.data_dir)
+            splits = load_splits(args.dataset, args.data_dir, args.holdout)
+            (train_x, train_y), (test_x, test_y), test_name = splits["train"], splits["held"], splits["held_name"]
             print(f"training on {len(train_x)} {args.dataset} images; testing on {test_name}")
             start = time.time()
             clf = train_classifier(train_x, train_y, epochs=args.epochs, batch_size=args.batch_size,
@@ -402,12 +444,17 @@ def main(argv=None):
                   f"({time.time() - start:.0f} s); saved {path}")
         elif args.command == "mnist":
             clf = load_classifier(args.classifier or default_classifier_path(args.dataset))
-            real_x, _ = data.load_dataset(args.dataset, args.data_dir, train=True)
-            ref_feats = classifier_features(clf, real_x)
+            splits = load_splits(args.dataset, args.data_dir, args.holdout)
+            (ref_x, _), (floor_x, floor_y) = reference_and_floor(*splits["held"])
+            ref_feats = classifier_features(clf, ref_x)
             images, labels, ws = load_samples_npz(args.npz)
-            print(f"MNIST-classifier metrics (not Inception; compare within this project only), "
-                  f"reference: {len(real_x)} real {args.dataset} training images")
+            print(f"MNIST-classifier metrics (not Inception; compare within this project only); FID reference: "
+                  f"{len(ref_x)} real images, half of {splits['held_name']}")
             _per_w(images, labels, ws, lambda x, y: mnist_metrics(clf, x, y, ref_feats))
+            n = min(int((ws == w).sum()) for w in torch.unique(ws))
+            floor = real_floor(clf, floor_x, floor_y, ref_feats, min(n, len(floor_y)))
+            print(f"{'real':>6} {min(n, len(floor_y)):7d} " + " ".join(f"{floor[k]:9.4f}" for k in ("fid", "is", "is_std", "accuracy"))
+                  + "   <- the floor: other held-out real images, scored the same way")
         else:
             import_torch_fidelity()  # fail before loading anything
             images, labels, ws = load_samples_npz(args.npz)

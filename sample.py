@@ -1,8 +1,8 @@
-"""Guided sampling of Classifier-Free Diffusion Guidance: Algorithm 2, exactly, plus DDIM.
+"""Guided sampling of Classifier-Free Diffusion Guidance: Algorithm 2, exactly, plus DDIM and DPM-Solver++(2M).
 
 Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598), Algorithm 2, with an
-increasing log-SNR sequence λ_1 = λ_min < … < λ_T = λ_max (the cosine schedule at evenly spaced
-u from 1 to 0) and guidance strength w (w = 0: the conditional model; w = −1: the unconditional):
+increasing log-SNR sequence λ_1 = λ_min < … < λ_T = λ_max and guidance strength w (w = 0: the
+conditional model; w = −1: the unconditional):
 
     1: z_1 ~ N(0, I)
     2: for t = 1, …, T:
@@ -11,17 +11,30 @@ u from 1 to 0) and guidance strength w (w = 0: the conditional model; w = −1: 
     5:     z_{t+1} ~ N(μ̃_{λt+1|λt}(z_t, x̃_t), (σ̃²_{λt+1|λt})^{1−v} (σ²_{λt|λt+1})^v)  if t < T,  else z_{t+1} = x̃_t
     7: return z_{T+1}
 
-`sampler="ddim"` replaces line 5 by the deterministic DDIM step z_{t+1} = α_λt+1 x̃_t + σ_λt+1 ε̂_t
-(the paper: "could be replaced by another sampler, e.g. DDIM"). The paper's w everywhere; libraries
-that use a "scale" s (diffusers' guidance_scale, k-diffusion's cfg_scale) have s = 1 + w.
-Deviation from the paper: x̃_t is clipped to [−1, 1] by default, as in DDPM and ADM (the paper does
-not say); `clip_x=False` / `--no-clip` gives Algorithm 2 as written.
+The loop is written once (`sample`); two things plug into it:
+- the guidance rule, line 3: a function rule(model, z, logsnr, labels, w) -> ε̃. `guided_eps` is the
+  paper's; other rules (classifier guidance, ...) take the same arguments;
+- the step, line 5 (the paper: "could be replaced by another sampler, e.g. DDIM"):
+  "ancestral"  Algorithm 2's line 5 as written (`ancestral_step`, variance blend v);
+  "ddim"       the deterministic DDIM step z_{t+1} = α_λt+1 x̃_t + σ_λt+1 ε̂_t (`ddim_step`);
+  "dpmpp2m"    DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of the
+               probability-flow ODE with data prediction (`dpmpp2m_step`): DDIM with x̃_t extrapolated
+               from x̃_t and x̃_{t−1}. Made for guided sampling at few steps.
+The λ_t are taken at evenly spaced u of a schedule: "cosine" (the paper's: the cosine schedule of
+training, λ = −2 log tan(a u + b)) or "uniform" (λ evenly spaced, DPM-Solver's choice). Defaults per
+sampler (`DEFAULTS`) are the measured best (README, "Fast sampling").
 
-Library: `guided_eps`, `sample`, `save_grid` (pure functions; this file imports only schedule.py
+The paper's w everywhere; libraries that use a "scale" s (diffusers' guidance_scale, k-diffusion's
+cfg_scale) have s = 1 + w. Deviation from the paper: x̃_t is clipped to [−1, 1] by default, as in DDPM
+and ADM (the paper does not say); `clip_x=False` / `--no-clip` gives Algorithm 2 as written.
+
+Library: `guided_eps`, `sample`, the step functions, `save_grid` (this file imports only schedule.py
 and model.py from the project, so the three files lift out together). Command line:
 
     python sample.py --ckpt out/mnist/ckpt.pt --w 0 0.5 1 2 4 --classes 0-9 --n-per-class 8 \
-        --steps 256 --v 0.3 --sampler ancestral --seed 0 --out samples.png --npz samples.npz
+        --sampler ancestral --steps 256 --v 0.3 --seed 0 --out samples.png --npz samples.npz
+    python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m          # few steps, same quality
+    torchrun --nproc_per_node=4 sample.py --ckpt ... --npz samples.npz   # images split across processes
 """
 import argparse
 import math
@@ -31,33 +44,77 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import model as model_lib
 import schedule
 
+# Per sampler: the λ spacing and the number of steps T when none is given (measured: README, "Fast sampling").
+DEFAULTS = {"ancestral": dict(spacing="cosine", steps=256),  # the paper's T = 256
+            "ddim": dict(spacing="cosine", steps=256),
+            "dpmpp2m": dict(spacing="uniform", steps=24)}
 
-def guided_eps(model, z, logsnr, labels, w, one_batch=True):
+
+# ------------------------------------------------------------------ line 3: the guidance rule
+
+def guided_eps(model, z, logsnr, labels, w):
     """Classifier-free guidance (Alg. 2, line 3): ε̃ = (1 + w) ε_θ(z, c) − w ε_θ(z, ∅).
 
-    The two evaluations run as one batch of 2B (one_batch=True), or as two passes of B
-    (one_batch=False: half the activation memory, at about the same speed on a CPU; bench.py
-    measures both). Only the conditional pass when w = 0 everywhere."""
-    w = torch.as_tensor(w, dtype=z.dtype, device=z.device)  # scalar, or (B,): one w per example
+    w: a number, or (B,) with one w per example. The two evaluations share z and run as one batch
+    of 2B; only the conditional pass runs when w = 0 everywhere."""
+    w = torch.as_tensor(w, dtype=z.dtype, device=z.device)
     if not w.any():  # w = 0 everywhere: no guidance, only the conditional pass
         return model(z, logsnr, labels)
     null = torch.full_like(labels, model.null_label)  # ∅
-    if one_batch:
-        logsnr = torch.as_tensor(logsnr)
-        if logsnr.ndim == 1:
-            logsnr = torch.cat([logsnr, logsnr])  # (2B,)
-        eps_cond, eps_uncond = model(torch.cat([z, z]), logsnr, torch.cat([labels, null])).chunk(2)
-    else:
-        eps_cond, eps_uncond = model(z, logsnr, labels), model(z, logsnr, null)
+    logsnr = torch.as_tensor(logsnr, device=z.device).expand(len(z))
+    eps_cond, eps_uncond = model(torch.cat([z, z]), torch.cat([logsnr, logsnr]), torch.cat([labels, null])).chunk(2)
     if w.ndim == 1:
         w = w.reshape(-1, *[1] * (z.ndim - 1))  # (B,) -> (B, 1, 1, 1)
     return (1 + w) * eps_cond - w * eps_uncond
+
+
+# ------------------------------------------------------------------ line 5: the step from λ to λ′ > λ
+
+def ancestral_step(z, x, logsnr, logsnr_next, v, noise):
+    """Alg. 2, line 5: z′ = μ̃_{λ′|λ}(z, x̃) + ((σ̃²_{λ′|λ})^{1−v} (σ²_{λ|λ′})^v)^{1/2} · noise, noise ~ N(0, I)."""
+    mean, _ = schedule.q_posterior(z, x, logsnr, logsnr_next)
+    return mean + schedule.reverse_variance(logsnr, logsnr_next, v).sqrt() * noise
+
+
+def ddim_step(z, x, logsnr, logsnr_next):
+    """DDIM (η = 0) from λ to λ′ (numbers): z′ = α_λ′ x̃ + σ_λ′ ε̂, where ε̂ = (z − α_λ x̃)/σ_λ goes with x̃.
+
+    Written as DPM-Solver's first-order step: z′ = (σ_λ′/σ_λ) z + α_λ′ (1 − e^{−h}) x̃, with
+    h = (λ′ − λ)/2, the step in DPM-Solver's half log-SNR log(α/σ) = λ/2 (the same number; no 1/σ_λ)."""
+    alpha, sigma = (t.tolist() for t in schedule.alpha_sigma(torch.tensor([logsnr, logsnr_next], dtype=torch.float64)))
+    h = (logsnr_next - logsnr) / 2
+    return (sigma[1] / sigma[0]) * z + alpha[1] * -math.expm1(-h) * x
+
+
+def dpmpp2m_step(z, x, logsnr, logsnr_next, x_prev=None, logsnr_prev=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction, in the paper's λ.
+
+    The DDIM step with x̃ replaced by D = x̃ + (x̃ − x̃_prev) / (2r), r = (λ − λ_prev) / (λ′ − λ): the
+    linear extrapolation of the data prediction over the step (r is a ratio of steps, the same in λ
+    or in DPM-Solver's λ/2). With no previous x̃ (the first step) it is DDIM, the first-order method."""
+    if x_prev is not None:
+        r = (logsnr - logsnr_prev) / (logsnr_next - logsnr)
+        x = x + (x - x_prev) / (2 * r)
+    return ddim_step(z, x, logsnr, logsnr_next)
+
+
+# ------------------------------------------------------------------ the loop, written once
+
+def logsnr_steps(steps, spacing="cosine"):
+    """λ_1 = λ_min < … < λ_T = λ_max (float64, (T,)): a schedule at evenly spaced u from 1 to 0."""
+    u = torch.linspace(1, 0, steps, dtype=torch.float64)
+    if spacing == "cosine":
+        return schedule.logsnr_cosine(u)
+    if spacing == "uniform":
+        return schedule.logsnr_uniform(u)
+    raise ValueError(f"unknown spacing {spacing!r}: use 'cosine' or 'uniform'")
 
 
 def _randn(shape, generator, device):
@@ -69,31 +126,34 @@ def _randn(shape, generator, device):
 
 
 @torch.no_grad()
-def sample(model, labels, w, steps=256, v=0.3, sampler="ancestral", clip_x=True, shape=None,
-           generator=None, progress=None, one_batch=True):
-    """Algorithm 2 (ancestral, variance blend v) or DDIM: one sample x̃ per label, guided with strength w.
+def sample(model, labels, w, steps=None, sampler="ancestral", spacing=None, v=0.3, clip_x=True,
+           guidance=guided_eps, shape=None, generator=None, progress=None):
+    """Algorithm 2 with the given step (ancestral, ddim or dpmpp2m) and guidance rule: one sample x̃ per label.
 
-    labels: (B,) long, on the device to sample on. w: a number or a (B,) tensor. shape: one sample's
-    shape, (C, H, W) from model.config by default. generator: a torch.Generator, or a list of B of
-    them (row i then depends on generator i alone, whatever else is in the batch). progress: True
-    for a tqdm bar, or a callable progress(t, T) run after each step. one_batch: see guided_eps.
-    Returns (B, *shape) float32.
+    labels: (B,) long, on the device to sample on. w: a number or a (B,) tensor. steps, spacing: T and
+    the λ spacing, by default DEFAULTS[sampler]. shape: one sample's shape, (C, H, W) from model.config
+    by default. generator: a torch.Generator, or a list of B of them (row i then depends on generator i
+    alone, whatever else is in the batch). progress: True for a tqdm bar, or a callable progress(t, T)
+    run after each step. Returns (B, *shape) float32.
     """
-    if steps < 1 or not 0 <= v <= 1 or sampler not in ("ancestral", "ddim"):
-        raise ValueError(f"need steps >= 1, 0 <= v <= 1 and sampler ancestral|ddim, got {steps}, {v}, {sampler!r}")
+    if sampler not in DEFAULTS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(DEFAULTS)}")
+    steps = steps or DEFAULTS[sampler]["steps"]
+    if steps < 1 or not 0 <= v <= 1:
+        raise ValueError(f"need steps >= 1 and 0 <= v <= 1, got {steps} and {v}")
     if shape is None:
         shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     B, device = len(labels), labels.device
-    # λ_1 = λ_min < … < λ_T = λ_max: the cosine schedule at evenly spaced u from 1 to 0.
-    logsnrs = schedule.logsnr_cosine(torch.linspace(1, 0, steps, dtype=torch.float64))  # float64
+    logsnrs = logsnr_steps(steps, spacing or DEFAULTS[sampler]["spacing"]).tolist()  # λ_1 < … < λ_T
     bar = tqdm(total=steps, desc="sampling", leave=False) if progress is True else None
     if bar is not None:
         progress = lambda t, T: bar.update(1)
 
     z = _randn((B, *shape), generator, device)  # Alg. 2, line 1
+    x_prev = None
     for t in range(steps):  # Alg. 2, line 2
-        logsnr = torch.full((B,), logsnrs[t].item(), device=device)  # λ_t, (B,)
-        eps = guided_eps(model, z, logsnr, labels, w, one_batch)  # Alg. 2, line 3
+        logsnr = torch.full((B,), logsnrs[t], device=device)  # λ_t, (B,)
+        eps = guidance(model, z, logsnr, labels, w)  # Alg. 2, line 3
         x = schedule.predict_x(z, eps, logsnr)  # Alg. 2, line 4
         if clip_x:
             # Deviation from the paper: x̃ is clipped to the data range [−1, 1] (as in DDPM and ADM); the
@@ -103,14 +163,13 @@ def sample(model, labels, w, steps=256, v=0.3, sampler="ancestral", clip_x=True,
             progress(t + 1, steps)
         if t == steps - 1:
             break  # Alg. 2, line 5: z_{T+1} = x̃_T
-        logsnr_next = torch.full((B,), logsnrs[t + 1].item(), device=device)  # λ_{t+1}
-        if sampler == "ancestral":
-            mean, _ = schedule.q_posterior(z, x, logsnr, logsnr_next)  # μ̃_{λt+1|λt}(z_t, x̃_t)
-            var = schedule.reverse_variance(logsnrs[t], logsnrs[t + 1], v)  # (σ̃²)^{1−v} (σ²)^v
-            z = mean + var.sqrt().item() * _randn(z.shape, generator, device)  # Alg. 2, line 5
+        if sampler == "ancestral":  # Alg. 2, line 5
+            z = ancestral_step(z, x, logsnrs[t], logsnrs[t + 1], v, _randn(z.shape, generator, device))
+        elif sampler == "ddim":
+            z = ddim_step(z, x, logsnrs[t], logsnrs[t + 1])
         else:
-            eps_hat = schedule.predict_eps(z, x, logsnr)  # ε̂ consistent with the (clipped) x̃
-            z = schedule.q_sample(x, logsnr_next, eps_hat)  # DDIM: z_{t+1} = α_{t+1} x̃_t + σ_{t+1} ε̂_t
+            z = dpmpp2m_step(z, x, logsnrs[t], logsnrs[t + 1], x_prev, logsnrs[t - 1] if t else None)
+        x_prev = x
     if bar is not None:
         bar.close()
     return x  # Alg. 2, line 7
@@ -174,22 +233,29 @@ def main(argv=None):
                    help="guidance strengths, the paper's w (0 = no guidance)")
     p.add_argument("--classes", default="all", help="'all', a range '0-9' or a list '3,5,7'")
     p.add_argument("--n-per-class", type=int, default=8)
-    p.add_argument("--steps", type=int, default=256, help="T (paper: 256)")
-    p.add_argument("--v", type=float, default=0.3, help="variance interpolation (paper: 0.3 at 64x64)")
-    p.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
+    p.add_argument("--sampler", choices=list(DEFAULTS), default="ancestral")
+    p.add_argument("--steps", type=int, help="T (default per sampler: " +
+                   ", ".join(f"{k} {d['steps']}" for k, d in DEFAULTS.items()) + "; paper: 256)")
+    p.add_argument("--spacing", choices=["cosine", "uniform"],
+                   help="λ_t at evenly spaced u of the cosine schedule, or evenly spaced λ (default per sampler: " +
+                   ", ".join(f"{k} {d['spacing']}" for k, d in DEFAULTS.items()) + ")")
+    p.add_argument("--v", type=float, default=0.3, help="variance interpolation of the ancestral step (paper: 0.3)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clip x̃ to [-1, 1] (default; a deviation: the paper does not say)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--npz", default=None, help="also write uint8 images (N, H, W, C), labels and w")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (per process)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
-    def fail(message):  # one line on stderr, exit code 2, no traceback
-        print(f"sample.py: error: {message}", file=sys.stderr)
+    def fail(message):  # one line on stderr (rank 0 only), exit code 2, no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"sample.py: error: {message}", file=sys.stderr)
         sys.exit(2)
     p.error = fail
     args = p.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else DEFAULTS[args.sampler]["steps"]
+    args.spacing = args.spacing or DEFAULTS[args.sampler]["spacing"]
 
     if args.steps < 1 or args.n_per_class < 1 or args.batch_size < 1:
         fail("--steps, --n-per-class and --batch-size must be at least 1")
@@ -205,11 +271,12 @@ def main(argv=None):
             os.remove(f"{path}.tmp{os.getpid()}")
         except OSError as e:
             fail(f"cannot write {path}: {e.strerror}")
+    if args.device == "cpu":
+        import fast_cpu  # imported here: the library functions above work without it
+        fast_cpu.keep_freed_memory()  # a CPU speed setting for sampling (fast_cpu.py)
     try:
         ckpt = model_lib.load_checkpoint(args.ckpt)
         model = model_lib.model_from_checkpoint(ckpt, "ema").to(args.device).eval()
-        if args.device == "cpu":
-            model = model_lib.speed_up_cpu(model)  # channels_last, and malloc keeps freed memory
     except model_lib.CheckpointError as e:
         fail(str(e))
     except (RuntimeError, KeyError, TypeError) as e:  # a config that does not match its weights
@@ -219,39 +286,60 @@ def main(argv=None):
     except ValueError as e:
         fail(f"--classes {args.classes!r}: {e}")
 
-    # Every image is (w, class, j). Its noise comes from its own generator seeded by (seed, class, j):
-    # the same seed gives the same images whatever --batch-size, and every w row starts from the same noise.
-    torch.manual_seed(args.seed)
+    # Under torchrun the images are split across the processes by index; rank 0 gathers and writes them.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device)
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            model = model.to(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    # Every image is (w, class, j). Its noise comes from its own generator seeded by (seed, class, j): the
+    # same seed gives the same images whatever --batch-size or number of processes, and every w row starts
+    # from the same noise.
     grid = [(w, c, j) for w in args.w for c in classes for j in range(args.n_per_class)]
     ws = torch.tensor([w for w, _, _ in grid])
     labels = torch.tensor([c for _, c, _ in grid])
     seeds = [int(np.random.SeedSequence([args.seed, c, j]).generate_state(1)[0]) for _, c, j in grid]
-    batches = range(0, len(grid), args.batch_size)
-    bar = tqdm(total=len(batches) * args.steps, desc=f"{len(grid)} images", disable=None)
-    start, images = time.time(), []
-    for i in batches:
-        chunk = slice(i, i + args.batch_size)
-        generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
-        x = sample(model, labels[chunk].to(args.device), ws[chunk].to(args.device), args.steps, args.v,
-                   args.sampler, args.clip, generator=generators, progress=lambda t, T: bar.update(1))
-        images.append(x.cpu())  # (b, C, H, W)
+    mine = list(range(rank, len(grid), world_size))  # this process's images
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    bar = tqdm(total=len(batches) * args.steps, desc=f"{len(grid)} images", disable=None if rank == 0 else True)
+    start, images = time.time(), {}  # image index -> uint8 (C, H, W)
+    for batch in batches:
+        generators = [torch.Generator().manual_seed(seeds[i]) for i in batch]
+        x = sample(model, labels[batch].to(device), ws[batch].to(device), args.steps, args.sampler, args.spacing,
+                   args.v, args.clip, generator=generators, progress=lambda t, T: bar.update(1))
+        images.update(zip(batch, to_uint8(x).cpu()))
     bar.close()
-    images = torch.cat(images)  # (N, C, H, W)
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(images, gathered, dst=0)
+        if rank == 0:
+            images = {i: x for part in gathered for i, x in part.items()}
+    if "RANK" in os.environ:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    images = torch.stack([images[i] for i in range(len(grid))])  # (N, C, H, W) uint8
 
     dataset = ckpt.get("args", {}).get("dataset", "")
-    title = f"{dataset} {args.sampler}, T = {args.steps}" + (f", v = {args.v}" if args.sampler == "ancestral" else "")
+    title = (f"{dataset} {args.sampler}, T = {args.steps}, {args.spacing} spacing"
+             + (f", v = {args.v}" if args.sampler == "ancestral" else ""))
     try:
-        save_grid(images.reshape(len(args.w), len(classes), args.n_per_class, *images.shape[1:]), args.out,
-                  [f"w = {w:g}" for w in args.w], [str(c) for c in classes], title)
+        save_grid(images.float().reshape(len(args.w), len(classes), args.n_per_class, *images.shape[1:]) / 127.5 - 1,
+                  args.out, [f"w = {w:g}" for w in args.w], [str(c) for c in classes], title)
         if args.npz:
             tmp = f"{args.npz}.tmp{os.getpid()}"
             with open(tmp, "wb") as f:
-                np.savez(f, images=to_uint8(images).permute(0, 2, 3, 1).numpy(),  # (N, H, W, C)
+                np.savez(f, images=images.permute(0, 2, 3, 1).numpy(),  # (N, H, W, C)
                          labels=labels.numpy(), w=ws.numpy())
             os.replace(tmp, args.npz)
     except OSError as e:
         fail(f"cannot write the output: {e}")
-    print(f"{len(grid)} images in {time.time() - start:.1f} s -> {args.out}" + (f", {args.npz}" if args.npz else ""))
+    print(f"{len(grid)} images in {time.time() - start:.1f} s on {world_size} process(es) -> {args.out}"
+          + (f", {args.npz}" if args.npz else ""))
 
 
 if __name__ == "__main__":

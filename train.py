@@ -13,19 +13,19 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). One netw
     7:   take a gradient step on ∇_θ ‖ε_θ(z_λ, c) − ε‖²                          (diffusion_loss)
     8: until converged
 
-`drop_labels`, `sample_logsnr` and `diffusion_loss` are pure functions that work for any module
-with forward(z, logsnr, labels) and a `null_label` attribute (the notebooks and bench.py import
-them). The script body in `main` is the rest of a training run, top to bottom: settings, data,
-model, optimizer, loop. Around Algorithm 1 it adds what DDPM's recipe adds (Adam, learning-rate
-warm-up, gradient clipping, an EMA of the weights that sample.py uses), checkpoints that resume
-exactly, preview grids drawn by sample.py, and DistributedDataParallel when torchrun starts it.
+`drop_labels`, `sample_logsnr` and `diffusion_loss` are pure functions that work for any module with
+forward(z, logsnr, labels). `train_step` is one step of the whole recipe (the loss, backward, gradient
+clipping, Adam with learning-rate warm-up, the EMA of the weights that sample.py uses); bench.py and
+the notebooks call it with `parse_args(["--dataset", name])`, so they train exactly as this script does.
+`main` is the rest of a run, top to bottom: settings, resume check, data, model, loop, with checkpoints
+that resume exactly, preview grids drawn by sample.py, and DistributedDataParallel under torchrun.
 
 Randomness: every random number of step s on rank r (flips, ∅, λ, ε and the network's dropout)
 comes from the global RNG seeded with (seed, s, r), and epoch e's data order from (seed, e). A
 resumed run therefore redraws exactly what the interrupted one would have drawn, whatever
 killed it (even kill -9): on a CPU it ends with the same weights as a run that never stopped.
 
-    python train.py --dataset digits                    # offline 8x8 digits: ~9 min on 2 shared CPU cores
+    python train.py --dataset digits                    # offline 8x8 digits, a CPU minute or two
     python train.py --dataset mnist --data-dir ./data   # downloads the official files on first use
     python train.py --dataset cifar10 --amp --compile   # the DDPM CIFAR-10 recipe, one GPU
     torchrun --nproc_per_node=8 train.py --dataset cifar10 --amp --compile
@@ -36,6 +36,7 @@ columns the classes; the same noise at every step), loss.png.
 """
 import argparse
 import copy
+import dataclasses
 import glob
 import math
 import os
@@ -52,9 +53,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data import DATASETS, DataError, load_dataset, to_model_range
-from model import (PRESETS, CheckpointError, UNet, config_from_dict, config_to_dict, load_checkpoint, save_checkpoint,
-                   speed_up_cpu)
+from data import DATASETS, HOLDOUT, DataError, load_dataset, split_holdout, to_model_range
+from model import PRESETS, CheckpointError, UNet, config_from_dict, load_checkpoint, save_checkpoint
 from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_cosine, logsnr_uniform, q_sample
 
 SAMPLE_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py")
@@ -72,9 +72,8 @@ DATASET_DEFAULTS = {
                    max_steps=2000, log_every=50, ckpt_every=500, sample_every=500, sample_steps=64),
     "mnist": dict(batch_size=32, lr=1e-3, warmup_steps=100, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
                   max_steps=2000, log_every=25, ckpt_every=250, sample_every=500, sample_steps=64),
-    "fashion-mnist": dict(batch_size=32, lr=1e-3, warmup_steps=100, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
-                          max_steps=2000, log_every=25, ckpt_every=250, sample_every=500, sample_steps=64),
 }
+DATASET_DEFAULTS["fashion-mnist"] = DATASET_DEFAULTS["mnist"]
 PREVIEW_W = ("0", "1", "3")  # rows of the preview grids: the paper's w (0 = no guidance)
 
 
@@ -103,13 +102,13 @@ def sample_logsnr(batch_size, schedule="cosine", generator=None, device=None):
     return logsnr.clamp(LOGSNR_MIN, LOGSNR_MAX)
 
 
-def diffusion_loss(model, x, labels, p_uncond=0.1, schedule="cosine", generator=None):
+def diffusion_loss(model, x, labels, null_label, p_uncond=0.1, schedule="cosine", generator=None):
     """Alg. 1, lines 3-7 for a batch x of shape (B, ...): the mean of (ε_θ(z_λ, c) − ε)² over all elements.
 
     Draws from `generator` (the global RNG if None), in this order: B uniforms for ∅, B uniforms for λ,
-    then ε of x's shape. The null label is `model.null_label`.
+    then ε of x's shape.
     """
-    labels = drop_labels(labels, p_uncond, model.null_label, generator)  # line 3
+    labels = drop_labels(labels, p_uncond, null_label, generator)  # line 3
     logsnr = sample_logsnr(x.shape[0], schedule, generator, x.device)  # line 4, (B,)
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # line 5
     z = q_sample(x, logsnr, eps)  # line 6: z_λ = α_λ x + σ_λ ε
@@ -118,19 +117,37 @@ def diffusion_loss(model, x, labels, p_uncond=0.1, schedule="cosine", generator=
     return F.mse_loss(eps_pred.float(), eps)
 
 
-# ------------------------------------------------------------------ helpers of the script body
+# ------------------------------------------------------------------ one step of the training recipe
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ, for every parameter at once."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    """θ_ema ← decay · θ_ema + (1 − decay) · θ, parameter by parameter."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1.0 - decay)
 
 
-def adam(params, lr):
-    """DDPM's optimizer: Adam, betas (0.9, 0.999). fused=True updates each tensor in one kernel
-    instead of a dozen (the same math; the mnist preset's optimizer step on CPU: 7.3 → 3.0 ms)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def train_step(model, ema, optimizer, x, labels, null_label, step, args):
+    """One step (0-based `step`) of Algorithm 1 with DDPM's optimisation recipe; returns the detached loss.
 
+    model: the network to call (possibly DDP-wrapped or compiled; its parameters are the trained ones).
+    args: train.py's settings; reads p_uncond, logsnr_schedule, lr, warmup_steps, grad_clip, ema_decay,
+    ema_warmup and amp (bfloat16 autocast, CUDA only).
+    """
+    for group in optimizer.param_groups:  # linear learning-rate warm-up (DDPM)
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
+        loss = diffusion_loss(model, x, labels, null_label, args.p_uncond, args.logsnr_schedule)  # Alg. 1, 3-7
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    # Deviation from DDPM for the CPU presets (ema_warmup): the decay ramps up, so early weights fade fast.
+    decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+    update_ema(ema, model, decay)
+    return loss.detach()
+
+
+# ------------------------------------------------------------------ randomness and data order
 
 def step_seed(seed, step, rank):
     """The seed of all random draws of one training step on one rank."""
@@ -150,12 +167,132 @@ def any_rank(flag, device):
     return bool(flag.item())
 
 
+# ------------------------------------------------------------------ settings
+
 def fail(message):
     """Bad input: one line on stderr (from rank 0 only), exit code 2, no traceback."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
+
+def number(kind, low, high=math.inf, low_inclusive=True, high_inclusive=False):
+    """An argparse type: a finite `kind` (int or float) in the given range, else a one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        inside = ((value >= low if low_inclusive else value > low)
+                  and (value <= high if high_inclusive else value < high))
+        if math.isfinite(value) and inside:
+            return value
+        if high < math.inf:
+            bounds = ("[" if low_inclusive else "(") + f"{low:g}, {high:g}" + ("]" if high_inclusive else ")")
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        positive = (low, low_inclusive) in ((0, False), (1, True))
+        raise argparse.ArgumentTypeError(f"must be {'positive' if positive else f'{low:g} or more'}, got {text}")
+    return parse
+
+
+def parse_args(argv=None):
+    """train.py's settings: the command line, then the per-dataset defaults for what it leaves out."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Per-dataset defaults: " + "; ".join(
+                                    f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                                    for name, d in DATASET_DEFAULTS.items()))
+    positive, count = number(int, 1), number(int, 0)
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--data-dir", default="./data", help="where data.py finds or downloads the files")
+    p.add_argument("--holdout", type=count, help="images per class left out of training, for the metrics' "
+                   "real reference (data.split_holdout; per dataset: mnist 200, others 0)")
+    p.add_argument("--out-dir", default=None, help="checkpoint, sample grids and loss curve (default out/<dataset>)")
+    p.add_argument("--p-uncond", type=number(float, 0, 1, high_inclusive=True), default=0.1,
+                   help="probability of ∅ (paper: 0.1; 0.2 was as good)")
+    p.add_argument("--logsnr-schedule", choices=["cosine", "uniform"], default="cosine", help="p(λ) (paper: cosine)")
+    p.add_argument("--max-steps", type=positive, help="training steps (per dataset)")
+    p.add_argument("--batch-size", type=positive, help="global batch, split across ranks (per dataset)")
+    p.add_argument("--lr", type=number(float, 0, low_inclusive=False), help="Adam learning rate (per dataset; DDPM: 2e-4)")
+    p.add_argument("--warmup-steps", type=count, help="linear learning-rate warm-up (per dataset; DDPM: 5000)")
+    p.add_argument("--grad-clip", type=number(float, 0, low_inclusive=False), help="clip the gradient norm (DDPM: 1.0)")
+    p.add_argument("--ema-decay", type=number(float, 0, 1), help="EMA decay of the weights sample.py uses (DDPM: 0.9999)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
+                   help="decay min(ema_decay, (1 + step) / (10 + step)) (per dataset; DDPM: no)")
+    p.add_argument("--log-every", type=positive, help="steps between loss readings (the only GPU syncs)")
+    p.add_argument("--ckpt-every", type=positive, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=count, help="steps between preview grids (0: none, not even at the end)")
+    p.add_argument("--sample-steps", type=positive, help="T of the preview grids (paper: 256; CPU presets: 64)")
+    p.add_argument("--seed", type=count, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt exactly (pass the same flags)")
+    p.error = lambda message: fail(f"{message} (see python train.py --help)")
+    args = p.parse_args(argv)
+    for name, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.holdout is None:  # data.HOLDOUT: mnist 200 per class (../shared/data/mnist-4k then trains on 2,000)
+        args.holdout = HOLDOUT.get(args.dataset, 0)
+    args.out_dir = args.out_dir or os.path.join("out", args.dataset)
+    return args
+
+
+def pick_device(args):
+    """(device, rank, world_size): DDP switches on only when torchrun sets RANK and WORLD_SIZE."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device, 0, 1
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} does not split evenly across {world_size} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world_size
+
+
+def resume_check(args, ckpt_path):
+    """The checkpoint to continue (None for a new run), after checking that it belongs to this run."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out_dir).close()
+    except OSError as e:
+        fail(f"cannot write to --out-dir {args.out_dir}: {e.strerror}; choose a writable folder")
+    if not args.resume:
+        if os.path.exists(ckpt_path):
+            fail(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir to start over")
+        return None
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        fail(f"--resume: {e}")
+    stored = ckpt.get("args", {})
+    if stored.get("dataset") != args.dataset:
+        fail(f"--resume: {ckpt_path} was trained on {stored.get('dataset')!r}, not {args.dataset!r}: "
+             f"pass --dataset {stored.get('dataset')} or another --out-dir")
+    try:
+        same_config = config_from_dict(ckpt["config"]) == PRESETS[args.dataset]
+    except TypeError:  # fields that UNetConfig does not have
+        same_config = False
+    if not same_config:
+        fail(f"--resume: the model config in {ckpt_path} is not today's {args.dataset} preset in model.py: "
+             "resume with the model.py it was trained with, or start a new --out-dir")
+    for k, v in stored.items():
+        if k not in ("resume", "device", "amp", "compile") and getattr(args, k, v) != v and int(os.environ.get("RANK", 0)) == 0:
+            print(f"train.py: note: --{k.replace('_', '-')} was {v} in the checkpoint, now {getattr(args, k)}")
+    return ckpt
+
+
+# ------------------------------------------------------------------ outputs
 
 def draw_samples(ckpt_path, png_path, num_classes, steps, device):
     """A preview grid from the EMA weights, drawn by sample.py in its own process (train.py never imports
@@ -164,8 +301,10 @@ def draw_samples(ckpt_path, png_path, num_classes, steps, device):
     command = [sys.executable, SAMPLE_PY, "--ckpt", ckpt_path, "--w", *PREVIEW_W,
                "--classes", f"0-{num_classes - 1}", "--n-per-class", "1", "--steps", str(steps),
                "--seed", "0", "--out", png_path, "--device", device.type]
+    # Without torchrun's variables: the preview is one process, not a rank of a distributed sample.py.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     except OSError as e:
         return f"could not run sample.py: {e}"
     if result.returncode != 0:
@@ -194,123 +333,34 @@ def plot_losses(losses, path):
 # ------------------------------------------------------------------ the training script
 
 def main(argv=None):
-    # -------------------------------------------------------------- settings
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Per-dataset defaults: " + "; ".join(
-                                    f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
-                                    for name, d in DATASET_DEFAULTS.items()))
-    p.add_argument("--dataset", default="digits", choices=DATASETS)
-    p.add_argument("--data-dir", default="./data", help="where data.py finds or downloads the files")
-    p.add_argument("--out-dir", default=None, help="checkpoint, sample grids and loss curve (default out/<dataset>)")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of ∅ (paper: 0.1; 0.2 was as good)")
-    p.add_argument("--logsnr-schedule", choices=["cosine", "uniform"], default="cosine", help="p(λ) (paper: cosine)")
-    p.add_argument("--max-steps", type=int, help="training steps (per dataset)")
-    p.add_argument("--batch-size", type=int, help="global batch, split across ranks (per dataset)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (per dataset; DDPM: 2e-4)")
-    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (per dataset; DDPM: 5000)")
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (DDPM: 1.0)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay of the weights sample.py uses (DDPM: 0.9999)")
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
-                   help="decay min(ema_decay, (1 + step) / (10 + step)) (per dataset; DDPM: no)")
-    p.add_argument("--log-every", type=int, help="steps between loss readings (the only GPU syncs)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between preview grids (0: none, not even at the end)")
-    p.add_argument("--sample-steps", type=int, help="T of the preview grids (paper: 256; CPU presets: 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt exactly (pass the same flags)")
-    p.error = lambda message: fail(f"{message} (see python train.py --help)")
-    args = p.parse_args(argv)
-    for name, value in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.out_dir = args.out_dir or os.path.join("out", args.dataset)
-
-    for name in ("max_steps", "batch_size", "log_every", "ckpt_every", "sample_steps"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("warmup_steps", "sample_every", "seed"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if not 0.0 <= args.p_uncond <= 1.0:
-        fail(f"--p-uncond {args.p_uncond} is outside [0, 1] (paper: 0.1)")
-    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.grad_clip) and args.grad_clip > 0):
-        fail(f"--lr and --grad-clip must be positive numbers, got {args.lr} and {args.grad_clip}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        fail(f"--ema-decay {args.ema_decay} is outside [0, 1) (DDPM: 0.9999)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available: use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-    # DDP switches on only when torchrun sets RANK and WORLD_SIZE.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} does not split evenly across {world_size} processes")
-    local_batch = args.batch_size // world_size
-    if ddp and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    use_amp = args.amp and device.type == "cuda"
-
-    # -------------------------------------------------------------- output folder and checkpoint
+    # -------------------------------------------------------------- settings and resume check
+    args = parse_args(argv)
+    device, rank, world_size = pick_device(args)
+    ddp = dist.is_initialized()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out_dir).close()
-    except OSError as e:
-        fail(f"cannot write to --out-dir {args.out_dir}: {e.strerror}; choose a writable folder")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except CheckpointError as e:
-            fail(f"--resume: {e}")
-        stored = ckpt.get("args", {})
-        if stored.get("dataset") != args.dataset:
-            fail(f"--resume: {ckpt_path} was trained on {stored.get('dataset')!r}, not {args.dataset!r}: "
-                 f"pass --dataset {stored.get('dataset')} or another --out-dir")
-        try:
-            same_config = config_from_dict(ckpt["config"]) == PRESETS[args.dataset]
-        except TypeError:  # fields that UNetConfig does not have
-            same_config = False
-        if not same_config:
-            fail(f"--resume: the model config in {ckpt_path} is not today's {args.dataset} preset in model.py: "
-                 "resume with the model.py it was trained with, or start a new --out-dir")
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir to start over")
+    ckpt = resume_check(args, ckpt_path)
     if rank == 0:  # temporary files of a save that was killed midway; ckpt.pt itself is always whole
         for stale in glob.glob(ckpt_path + ".tmp*"):
             os.remove(stale)
 
-    # -------------------------------------------------------------- data
+    # -------------------------------------------------------------- data: the whole dataset on the device
     try:
         images, labels = load_dataset(args.dataset, args.data_dir)  # uint8 (N, C, H, W), int64 (N,)
+        images, labels, _, _ = split_holdout(images, labels, args.holdout)  # never trained on (--holdout)
     except DataError as e:
         fail(str(e))
     batches_per_epoch = len(labels) // args.batch_size  # full global batches; the rest of an epoch is skipped
     if batches_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} is larger than the {len(labels)} images of {args.dataset}")
-    images, labels = images.to(device), labels.to(device)  # the whole dataset on the device, as one tensor
-    hflip = args.dataset == "cifar10"  # random horizontal flips for CIFAR-10 only (DDPM)
+    images, labels = images.to(device), labels.to(device)
+    local_batch = args.batch_size // world_size
 
     # -------------------------------------------------------------- model, EMA, optimizer
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     config = PRESETS[args.dataset]
     torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     raw_model = UNet(config).to(device)
-    if device.type == "cpu":
-        raw_model = speed_up_cpu(raw_model)  # channels_last, and malloc keeps freed memory
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema: the weights sample.py uses
-    optimizer = adam(raw_model.parameters(), args.lr)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)  # DDPM: Adam, betas (0.9, 0.999)
     start_step, losses = 0, torch.zeros(args.max_steps, device=device)  # losses[s]: loss of step s (this rank)
     if ckpt is not None:
         try:
@@ -326,33 +376,19 @@ def main(argv=None):
     model = raw_model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        model.null_label = raw_model.null_label  # diffusion_loss reads model.null_label
     if args.compile:
         model = torch.compile(model)
-
     if rank == 0:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"train.py: {args.dataset}, {len(labels)} images {tuple(images.shape[1:])}, UNet {n_params / 1e6:.2f}M "
-              f"parameters, device {device}, {world_size} process(es), {start_step} steps done")
-        for name, value in vars(args).items():
-            print(f"  {name:16s} {value}")
-        if args.amp and not use_amp:
-            print("  (--amp is ignored: bfloat16 autocast is used on CUDA only)")
-        if ckpt is not None:
-            changed = {k: (v, getattr(args, k)) for k, v in ckpt["args"].items()
-                       if k not in ("resume", "device", "amp", "compile") and getattr(args, k, v) != v}
-            for k, (old, new) in changed.items():
-                print(f"  note: --{k.replace('_', '-')} was {old} in the checkpoint, now {new}")
+        print(f"train.py: {args.dataset}, {len(labels)} images {tuple(images.shape[1:])} ({args.holdout} per class "
+              f"held out), UNet "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+              f"{world_size} process(es), {start_step} steps done\n"
+              + "\n".join(f"  {name:16s} {value}" for name, value in vars(args).items()))
 
-    def make_checkpoint(step):
-        return {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "config": config_to_dict(config), "args": vars(args),
-                "rng": {"seed": args.seed, "rule": "step s on rank r: torch.manual_seed(step_seed(seed, s, r)); "
-                        "epoch e: epoch_permutation(n, seed, e)"},
-                "losses": losses[:step].cpu()}
-
-    def all_finite():  # parameters must be finite before they overwrite the last good checkpoint
-        return bool(torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all())
+    def save(step):  # a self-describing checkpoint (sample.py needs nothing else), written atomically
+        save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "config": dataclasses.asdict(config), "args": vars(args),
+                         "losses": losses[:step].cpu()}, ckpt_path)
 
     # Ctrl-C / SIGTERM ask the loop to stop after the current step and save; a second Ctrl-C stops at once.
     stop_requested = False
@@ -376,21 +412,10 @@ def main(argv=None):
         start = i * args.batch_size + rank * local_batch  # this rank's share of the global batch
         idx = perm[start:start + local_batch]
         x = to_model_range(images[idx])  # Alg. 1, line 2: (B, C, H, W) in [−1, 1]
-        if hflip:
+        if args.dataset == "cifar10":  # random horizontal flips (DDPM)
             flip = torch.rand(local_batch, device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-
-        for group in optimizer.param_groups:  # linear warm-up (DDPM)
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = diffusion_loss(model, x, labels[idx], args.p_uncond, args.logsnr_schedule)  # Alg. 1, 3-7
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-        update_ema(ema, raw_model, decay)
-        losses[step] = loss.detach()  # stays on the device: no sync
+        losses[step] = train_step(model, ema, optimizer, x, labels[idx], config.num_classes, step, args)
         done = step + 1
         bar.update(1)
 
@@ -398,30 +423,30 @@ def main(argv=None):
         if ddp:  # every process must leave at the same step: a stop request is agreed on at log steps
             stop = done % args.log_every == 0 and any_rank(stop_requested, device)
         draw = args.sample_every > 0 and (done % args.sample_every == 0 or done == args.max_steps)
-        save = done % args.ckpt_every == 0 or draw or done == args.max_steps or stop
-        if not (save or done % args.log_every == 0):
+        checkpoint = done % args.ckpt_every == 0 or draw or done == args.max_steps or stop
+        if not (checkpoint or done % args.log_every == 0):
             continue
 
-        # Read the loss (the only sync with the GPU); a non-finite loss ends the run before any save.
+        # Read the loss (the only sync with the GPU); non-finite loss or weights end the run before any save.
         window = losses[last_log:done].mean()
         if ddp:
             dist.all_reduce(window)
             window /= world_size
         loss_value, now = window.item(), time.perf_counter()
-        if not math.isfinite(loss_value) or (save and not all_finite()):
+        finite = math.isfinite(loss_value) and bool(torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all())
+        if not finite:
             bar.close()
-            what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else "the weights became non-finite"
             if rank == 0:
                 kept = (f"the last good checkpoint {ckpt_path} is untouched (lower --lr and --resume from it)"
                         if os.path.exists(ckpt_path) else "no checkpoint was written (lower --lr and start again)")
-                print(f"train.py: error: {what} in steps {last_log + 1}-{done}; stopped, and "
-                      f"{kept}", file=sys.stderr)
+                what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else "the weights became non-finite"
+                print(f"train.py: error: {what} in steps {last_log + 1}-{done}; stopped, and {kept}", file=sys.stderr)
             sys.exit(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{args.batch_size * (done - last_log) / (now - t_log):.0f}")
         last_log = done
 
-        if save and rank == 0:
-            save_checkpoint(make_checkpoint(done), ckpt_path)
+        if checkpoint and rank == 0:
+            save(done)
         if draw and rank == 0:
             error = draw_samples(ckpt_path, os.path.join(args.out_dir, f"samples_{done:07d}.png"),
                                  config.num_classes, args.sample_steps, device)

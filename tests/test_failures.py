@@ -21,7 +21,9 @@ import torch
 
 import data
 import train
-from model import PRESETS, UNetConfig, config_to_dict, load_checkpoint, save_checkpoint
+import dataclasses
+
+from model import PRESETS, UNetConfig, load_checkpoint, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
@@ -160,7 +162,7 @@ class PickledCode:
 
 
 def write_checkpoint(path, dataset="digits", config=None, pickled_code=False, truncate=False):
-    ckpt = {"config": config_to_dict(config or PRESETS["digits"]), "ema": {}, "args": {"dataset": dataset}}
+    ckpt = {"config": dataclasses.asdict(config or PRESETS["digits"]), "ema": {}, "args": {"dataset": dataset}}
     if pickled_code:
         ckpt["hook"] = PickledCode()
         torch.save(ckpt, path)
@@ -172,7 +174,7 @@ def write_checkpoint(path, dataset="digits", config=None, pickled_code=False, tr
 
 
 # (flags, a phrase the one-line message must contain, the checkpoint to put in {tmp}/out first).
-OTHER_CONFIG = UNetConfig(**{**config_to_dict(PRESETS["digits"]), "channels": 16})
+OTHER_CONFIG = UNetConfig(**{**dataclasses.asdict(PRESETS["digits"]), "channels": 16})
 BAD_INPUTS = [
     (["--dataset", "imagenet"], "invalid choice", None),
     (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "place", None),  # offline and no files
@@ -186,21 +188,23 @@ BAD_INPUTS = [
     (["--resume", "--out-dir", "{tmp}/out"], "truncated", dict(truncate=True)),
     (["--resume", "--out-dir", "{tmp}/out"], "not a complete train.py checkpoint", dict()),  # no weights
     (["--out-dir", "{tmp}/out"], "add --resume", dict()),
-    (["--max-steps", "0"], "--max-steps must be positive", None),
+    (["--max-steps", "0"], "--max-steps: must be positive", None),
     (["--max-steps", "ten"], "invalid int", None),
-    (["--batch-size", "0"], "--batch-size must be positive", None),
-    (["--batch-size", "-8"], "--batch-size must be positive", None),
+    (["--batch-size", "0"], "--batch-size: must be positive", None),
+    (["--batch-size", "-8"], "--batch-size: must be positive", None),
     (["--batch-size", "5000"], "larger than the 1797 images", None),
-    (["--log-every", "0"], "--log-every must be positive", None),
-    (["--ckpt-every", "-1"], "--ckpt-every must be positive", None),
-    (["--sample-steps", "0"], "--sample-steps must be positive", None),
-    (["--sample-every", "-1"], "--sample-every must be 0 or more", None),
-    (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more", None),
-    (["--seed", "-1"], "--seed must be 0 or more", None),
-    (["--lr", "0"], "--lr and --grad-clip must be positive", None),
-    (["--lr", "nan"], "--lr and --grad-clip must be positive", None),
-    (["--grad-clip", "0"], "--lr and --grad-clip must be positive", None),
+    (["--log-every", "0"], "--log-every: must be positive", None),
+    (["--ckpt-every", "-1"], "--ckpt-every: must be positive", None),
+    (["--sample-steps", "0"], "--sample-steps: must be positive", None),
+    (["--sample-every", "-1"], "--sample-every: must be 0 or more", None),
+    (["--warmup-steps", "-1"], "--warmup-steps: must be 0 or more", None),
+    (["--seed", "-1"], "--seed: must be 0 or more", None),
+    (["--lr", "0"], "--lr: must be positive", None),
+    (["--lr", "nan"], "--lr: must be positive", None),
+    (["--grad-clip", "0"], "--grad-clip: must be positive", None),
     (["--ema-decay", "1"], "outside [0, 1)", None),
+    (["--holdout", "-1"], "--holdout: must be 0 or more", None),
+    (["--holdout", "200"], "cannot hold out 200", None),  # digits: 174-183 images per class
     (["--logsnr-schedule", "linear"], "invalid choice", None),
     (["--device", "tpu0"], "is not a device", None),
     pytest.param(["--device", "cuda"], "no CUDA device", None,

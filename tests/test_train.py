@@ -6,6 +6,9 @@ processes must hold identical weights.
 Runs train.py in subprocesses on the digits preset (offline), one thread each (OMP_NUM_THREADS=1:
 deterministic and fast on a shared CPU). Takes about 40 s on 2 CPU cores.
 """
+import argparse
+import copy
+import dataclasses
 import math
 import os
 import socket
@@ -18,7 +21,7 @@ import scipy.stats
 import torch
 
 import train
-from model import PRESETS, UNet, config_to_dict, load_checkpoint, model_from_checkpoint
+from model import PRESETS, UNet, load_checkpoint, model_from_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -176,7 +179,7 @@ def test_diffusion_loss_equals_a_hand_computation(kind):
         x, labels = torch.randn(64, 2), torch.arange(64) % 3
     seen = {}
     model.register_forward_pre_hook(lambda m, inputs: seen.update(labels=inputs[2]))
-    loss = train.diffusion_loss(model, x, labels, p_uncond=0.3, generator=torch.Generator().manual_seed(5))
+    loss = train.diffusion_loss(model, x, labels, model.null_label, p_uncond=0.3, generator=torch.Generator().manual_seed(5))
     seen_labels = seen["labels"]
     expected, expected_labels = reference_loss(model, x, labels, 0.3, torch.Generator().manual_seed(5))
     assert loss.dim() == 0 and loss.dtype == torch.float32
@@ -194,11 +197,11 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss():
 
     def fixed_noise_loss():  # the same ∅, λ and ε every time
         with torch.no_grad():
-            return train.diffusion_loss(model, x, labels, generator=torch.Generator().manual_seed(7)).item()
+            return train.diffusion_loss(model, x, labels, model.null_label, generator=torch.Generator().manual_seed(7)).item()
 
     before = fixed_noise_loss()
     for step in range(15):
-        loss = train.diffusion_loss(model, x, labels, generator=torch.Generator().manual_seed(100 + step))
+        loss = train.diffusion_loss(model, x, labels, model.null_label, generator=torch.Generator().manual_seed(100 + step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -220,6 +223,36 @@ def test_update_ema_is_the_exponential_moving_average():
         torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
 
 
+def test_train_step_is_warmup_loss_clipping_adam_and_ema_by_hand():
+    """train_step against its recipe written out in float64: the learning rate warmed up to lr·(s+1)/warmup,
+    the gradient of the loss (same draws) clipped to norm grad_clip, Adam's first update θ − lr ĝ/(|ĝ| + ε),
+    and the EMA with the ramped decay min(ema_decay, (1 + s)/(10 + s))."""
+    torch.manual_seed(0)
+    model, x, labels = ToyMLP(), torch.randn(32, 2), torch.arange(32) % 3
+    ema, ref = copy.deepcopy(model), copy.deepcopy(model)
+    args = argparse.Namespace(p_uncond=0.2, logsnr_schedule="cosine", lr=0.01, warmup_steps=4, grad_clip=0.05,
+                              ema_decay=0.9, ema_warmup=True, amp=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step = 2
+    torch.manual_seed(11)
+    loss = train.train_step(model, ema, optimizer, x, labels, model.null_label, step, args)
+
+    torch.manual_seed(11)  # the same draws of ∅, λ and ε
+    ref_loss = train.diffusion_loss(ref, x, labels, ref.null_label, args.p_uncond)
+    grads = [g.double() for g in torch.autograd.grad(ref_loss, list(ref.parameters()))]
+    norm = math.sqrt(sum((g ** 2).sum().item() for g in grads))
+    assert norm > args.grad_clip  # so the clipping is exercised
+    lr = args.lr * (step + 1) / args.warmup_steps
+    decay = min(args.ema_decay, (1 + step) / (10 + step))
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6) and not loss.requires_grad
+    for p, p_ema, p0, g in zip(model.parameters(), ema.parameters(), ref.parameters(), grads):
+        g = g * args.grad_clip / (norm + 1e-6)
+        theta = p0.detach().double() - lr * g / (g.abs() + 1e-8)  # Adam's first step: m̂ = g, v̂ = g²
+        torch.testing.assert_close(p.detach().double(), theta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p_ema.double(), decay * p0.detach().double() + (1 - decay) * theta,
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_data_order_is_a_permutation_per_epoch_and_step_seeds_differ():
     a, b = train.epoch_permutation(1797, 0, 0), train.epoch_permutation(1797, 0, 1)
     assert torch.equal(a.sort().values, torch.arange(1797)) and not torch.equal(a, b)
@@ -234,7 +267,7 @@ def test_checkpoint_round_trip(reference):
     out, result = reference
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # weights_only=True
     assert ckpt["step"] == STEPS and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["seed"] == 3
-    assert ckpt["config"] == config_to_dict(PRESETS["digits"])
+    assert ckpt["config"] == dataclasses.asdict(PRESETS["digits"])
     assert ckpt["losses"].shape == (STEPS,) and torch.isfinite(ckpt["losses"]).all()
     assert ckpt["losses"][-5:].mean() < ckpt["losses"][:5].mean()
     for weights in ("model", "ema"):

@@ -299,13 +299,16 @@ def main(argv=None):
                    help="time with this thread's CPU time instead of the wall clock (needs --threads 1): "
                         "figures that other processes on a shared machine barely disturb")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
+    p.add_argument("--matmul-sizes", type=int, nargs="+", metavar="N",
+                   help="n of the n×n matmuls that measure the machine's rate (default: CUDA 4096 8192, CPU 2048 "
+                        "4096; small ones only for a quick check: they understate the rate and overstate MFU)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.error = fail
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = 3 if args.compile else 1
-    if min(args.iters, args.warmup, args.sample_iters, args.sample_batch_size) < 1:
-        fail("--iters, --warmup, --sample-iters and --sample-batch-size must be at least 1")
+    if min(args.iters, args.warmup, args.sample_iters, args.sample_batch_size, *(args.matmul_sizes or [1])) < 1:
+        fail("--iters, --warmup, --sample-iters, --sample-batch-size and --matmul-sizes must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -326,7 +329,7 @@ def main(argv=None):
 
     # The matmul rate is measured before each preset's training and at the end; on a shared machine
     # the best of all is the closest to the unloaded rate, and the safest reference for MFU.
-    sizes = (4096, 8192) if device.type == "cuda" else (2048, 4096)
+    sizes = tuple(args.matmul_sizes or ((4096, 8192) if device.type == "cuda" else (2048, 4096)))
     dtypes = [torch.float32] + ([torch.bfloat16] if args.amp or device.type == "cuda" else [])
     routes = {str(d).split(".")[-1]: {} for d in dtypes}  # dtype -> route -> best FLOP/s
 

@@ -247,6 +247,14 @@ def main(argv=None):
     p.add_argument("--npz", default=None, help="also write uint8 images (N, H, W, C), labels and w")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (per process)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--guidance", choices=["cfg", "classifier"], default="cfg",
+                   help="line 3's rule: cfg, ε̃ = (1 + w) ε_θ(z, c) − w ε_θ(z) (the paper's), or classifier guidance "
+                   "with a noise-conditional classifier p_φ (classifier.py) on the same w axis")
+    p.add_argument("--classifier-ckpt", help="with --guidance classifier: a checkpoint written by classifier.py "
+                   "for the diffusion checkpoint's dataset")
+    p.add_argument("--classifier-base", choices=["uncond", "cond"],
+                   help="with --guidance classifier: uncond (default), ε̂ = ε_θ(z) − (1 + w) σ ∇ log p_φ(c|z) "
+                   "(Dhariwal & Nichol's scale s = 1 + w); cond, ε̂ = ε_θ(z, c) − w σ ∇ log p_φ(c|z)")
 
     def fail(message):  # one line on stderr (rank 0 only), exit code 2, no traceback
         if int(os.environ.get("RANK", 0)) == 0:
@@ -265,6 +273,10 @@ def main(argv=None):
         fail(f"--w {args.w} must be finite numbers")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available; use --device cpu")
+    if args.guidance == "classifier" and not args.classifier_ckpt:
+        fail("--guidance classifier needs --classifier-ckpt (a checkpoint written by classifier.py)")
+    if args.guidance == "cfg" and (args.classifier_ckpt or args.classifier_base):
+        fail("--classifier-ckpt and --classifier-base go with --guidance classifier")
     for path in filter(None, [args.out, args.npz]):  # fail now, not after sampling
         try:
             open(f"{path}.tmp{os.getpid()}", "wb").close()
@@ -285,6 +297,29 @@ def main(argv=None):
         classes = parse_classes(args.classes, model.config.num_classes)
     except ValueError as e:
         fail(f"--classes {args.classes!r}: {e}")
+    # Line 3's rule: CFG (guided_eps), or classifier guidance with p_φ bound into classifier.classifier_guided_eps.
+    dataset = ckpt.get("args", {}).get("dataset", "")
+    guidance, classifier = guided_eps, None
+    if args.guidance == "classifier":
+        import functools
+        import classifier as classifier_lib  # imported here: the library functions above need only schedule and model
+        try:
+            classifier, classifier_ckpt = classifier_lib.load_classifier(args.classifier_ckpt)
+        except model_lib.CheckpointError as e:
+            fail(f"--classifier-ckpt: {e}")
+        # The classifier must be of the diffusion model's data: same dataset, image shape and classes.
+        clf_dataset, clf_config = classifier_ckpt.get("args", {}).get("dataset", ""), classifier.config
+        for what, theirs, ours in [("dataset", clf_dataset, dataset),  # unchecked where a checkpoint does not say
+                                   ("image size", clf_config.image_size, model.config.image_size),
+                                   ("channels", clf_config.in_channels, model.config.in_channels),
+                                   ("number of classes", clf_config.num_classes, model.config.num_classes)]:
+            if theirs != ours and theirs != "" and ours != "":
+                fail(f"--classifier-ckpt {args.classifier_ckpt} has {what} {theirs!r} but --ckpt {args.ckpt} has "
+                     f"{ours!r}: train a classifier on the same data (python classifier.py --dataset {dataset or '...'})")
+        classifier.to(args.device)  # in place: the rule below holds this module
+        args.classifier_base = args.classifier_base or "uncond"
+        guidance = functools.partial(classifier_lib.classifier_guided_eps, classifier=classifier,
+                                     base=args.classifier_base)
 
     # Under torchrun the images are split across the processes by index; rank 0 gathers and writes them.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -294,6 +329,8 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
             model = model.to(device)
+            if classifier is not None:
+                classifier.to(device)  # in place: the guidance rule holds this module
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
     # Every image is (w, class, j). Its noise comes from its own generator seeded by (seed, class, j): the
@@ -310,7 +347,7 @@ def main(argv=None):
     for batch in batches:
         generators = [torch.Generator().manual_seed(seeds[i]) for i in batch]
         x = sample(model, labels[batch].to(device), ws[batch].to(device), args.steps, args.sampler, args.spacing,
-                   args.v, args.clip, generator=generators, progress=lambda t, T: bar.update(1))
+                   args.v, args.clip, guidance, generator=generators, progress=lambda t, T: bar.update(1))
         images.update(zip(batch, to_uint8(x).cpu()))
     bar.close()
     if world_size > 1:
@@ -324,9 +361,9 @@ def main(argv=None):
         return
     images = torch.stack([images[i] for i in range(len(grid))])  # (N, C, H, W) uint8
 
-    dataset = ckpt.get("args", {}).get("dataset", "")
     title = (f"{dataset} {args.sampler}, T = {args.steps}, {args.spacing} spacing"
-             + (f", v = {args.v}" if args.sampler == "ancestral" else ""))
+             + (f", v = {args.v}" if args.sampler == "ancestral" else "")
+             + (f", classifier guidance ({args.classifier_base} base)" if classifier is not None else ""))
     try:
         save_grid(images.float().reshape(len(args.w), len(classes), args.n_per_class, *images.shape[1:]) / 127.5 - 1,
                   args.out, [f"w = {w:g}" for w in args.w], [str(c) for c in classes], title)

@@ -11,7 +11,7 @@ digits (metrics.load_splits); the real-data floor at the same count is printed b
 
     python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
     OMP_NUM_THREADS=1 python scripts/recipe_search.py --data-dir ../shared/data/mnist-4k \
-        --candidates small wide --minutes 4 8 16 24 --out out/recipes
+        --candidates baseline shallow --minutes 8 16 32 --out out/recipes
 
 Writes out/recipes/<candidate>/ (checkpoint, milestones) and appends one JSON line per milestone to
 out/recipes/results.jsonl. Minutes are wall-clock minutes of training alone on the machine that runs
@@ -31,6 +31,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import fast_cpu  # noqa: E402
 import metrics  # noqa: E402
 from model import UNetConfig, load_checkpoint, model_from_checkpoint  # noqa: E402
 from sample import sample  # noqa: E402
@@ -100,6 +101,7 @@ def main():
     p.add_argument("--out", default=os.path.join(REPO, "out", "recipes"))
     args = p.parse_args()
 
+    fast_cpu.keep_freed_memory()  # this process only samples (training runs in subprocesses), as sample.py
     clf = metrics.load_classifier(args.classifier or metrics.default_classifier_path(args.dataset))
     splits = metrics.load_splits(args.dataset, args.data_dir)
     (ref_x, _), (floor_x, floor_y) = metrics.reference_and_floor(*splits["held"])

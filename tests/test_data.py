@@ -1,8 +1,8 @@
 """Tests for data.py: loaders on synthetic files in the official formats, downloads served from 127.0.0.1.
 
-The synthetic files are written here by independent minimal writers that follow the published
-formats (IDX: big-endian header then bytes, gzipped; CIFAR-10: a tar.gz of Python 2 protocol-2
-pickles, hand-assembled opcode by opcode), so a loader that misreads the format fails.
+The synthetic files are written by independent minimal writers that follow the published formats
+(tests/official_formats.py: IDX, a big-endian header then bytes, gzipped; CIFAR-10, a tar.gz of
+Python 2 protocol-2 pickles, hand-assembled opcode by opcode), so a loader that misreads the format fails.
 
 Run: python -m pytest -q tests/test_data.py
 """
@@ -23,63 +23,13 @@ import pytest
 import torch
 
 import data
+from official_formats import cifar_tar_gz, idx_gz, py2_cifar_batch, py2_str
 
 MNIST_4K = "/work/shared/data/mnist-4k"
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 CIFAR = "cifar-10-python.tar.gz"
-
-
-# ---------------------------------------------------------------- writers of the official formats
-
-def idx_gz(array):
-    """IDX: magic 0x00 0x00 0x08 (unsigned byte) ndim, then each dimension as big-endian uint32, then the bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def _pstr(b):  # a Python 2 str: SHORT_BINSTRING or BINSTRING
-    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
-
-
-def _pint(i):  # BININT
-    return b"J" + struct.pack("<i", i)
-
-
-def py2_cifar_batch(batch_label, labels, rows, filenames):
-    """The protocol-2 pickle Python 2's cPickle writes for {'batch_label', 'labels', 'data', 'filenames'}."""
-    n, d = rows.shape
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _pint(0) + b"\x85" + _pstr(b"b")
-             + b"\x87R(" + _pint(1) + _pint(n) + _pint(d) + b"\x86"  # state: version, shape,
-             + b"cnumpy\ndtype\n" + _pstr(b"u1") + _pint(0) + _pint(1) + b"\x87R"  # dtype uint8,
-             + b"(" + _pint(3) + _pstr(b"|") + b"NNN" + _pint(-1) + _pint(-1) + _pint(0) + b"tb"
-             + b"\x89" + _pstr(rows.tobytes()) + b"tb")  # C order, raw bytes
-    items = [(b"batch_label", _pstr(batch_label)),
-             (b"labels", b"](" + b"".join(_pint(int(y)) for y in labels) + b"e"),
-             (b"data", array),
-             (b"filenames", b"](" + b"".join(_pstr(f) for f in filenames) + b"e")]
-    return b"\x80\x02}(" + b"".join(_pstr(k) + v for k, v in items) + b"u."
-
-
-def cifar_rows(images):
-    """(N, 3, 32, 32) -> (N, 3072) rows as the CIFAR-10 page describes: 1024 red, 1024 green, 1024 blue."""
-    return np.stack([np.concatenate([img[0].ravel(), img[1].ravel(), img[2].ravel()]) for img in images])
-
-
-def cifar_tar_gz(batches):
-    """batches: {"data_batch_1": (images, labels), ...} -> bytes of cifar-10-python.tar.gz."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        members = {"batches.meta": b"\x80\x02}(U\x0blabel_namesq](U\x08airplaneeu."}
-        for name, (images, labels) in batches.items():
-            members[name] = py2_cifar_batch(name.encode(), labels, cifar_rows(images),
-                                            [f"img_{i}.png".encode() for i in range(len(labels))])
-        for name, blob in members.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
 
 
 def md5(blob):
@@ -375,7 +325,7 @@ def test_image_and_label_counts_must_agree(synthetic, tmp_path):
 
 def test_cifar_pickle_with_code_is_refused(synthetic, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
-    evil = b"cos\nsystem\n(" + _pstr(f"touch {marker}".encode()) + b"tR."
+    evil = b"cos\nsystem\n(" + py2_str(f"touch {marker}".encode()) + b"tR."
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)]:

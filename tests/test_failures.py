@@ -7,7 +7,7 @@ a slow checkpoint write is made by running train.main under `python -c` with tor
 version that writes half of the file and then hangs; a non-finite loss is forced with --lr 1e30 (Adam's
 first step moves every weight by about the learning rate, so the next loss overflows).
 
-Runs train.py in subprocesses on the digits preset with OMP_NUM_THREADS=1. About 50 s on 2 CPU cores.
+Runs train.py in subprocesses on the digits preset with OMP_NUM_THREADS=1.
 """
 import hashlib
 import os

@@ -4,7 +4,7 @@ script, runs that must end with the same weights as an uninterrupted run and a t
 processes must hold identical weights.
 
 Runs train.py in subprocesses on the digits preset (offline), one thread each (OMP_NUM_THREADS=1:
-deterministic and fast on a shared CPU). Takes about 40 s on 2 CPU cores.
+deterministic and fast on a shared CPU).
 """
 import argparse
 import copy

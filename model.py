@@ -240,11 +240,11 @@ def load_checkpoint(path, map_location="cpu"):
         if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # a class or function: pickled code
             # ("Unsupported class" is the wording of PyTorch before 2.4)
             raise CheckpointError(f"{path} holds pickled Python objects, not only tensors; refusing to "
-                                  "load it (only load checkpoints written by train.py)") from None
+                                  "load it (only load checkpoints this project wrote: train.py, classifier.py)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                               f"{type(e).__name__}); use an intact copy or train again") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'config' or 'ema' entry)")
+        raise CheckpointError(f"{path} is not a checkpoint of train.py or classifier.py (no 'config' or 'ema' entry)")
     return ckpt
 
 

@@ -13,7 +13,8 @@ conditional model; w = −1: the unconditional):
 
 The loop is written once (`sample`); two things plug into it:
 - the guidance rule, line 3: a function rule(model, z, logsnr, labels, w) -> ε̃. `guided_eps` is the
-  paper's; other rules (classifier guidance, ...) take the same arguments;
+  paper's; other rules take the same arguments, e.g. classifier guidance with a noise-conditional
+  classifier, functools.partial(classifier.classifier_guided_eps, classifier=clf) (classifier.py);
 - the step, line 5 (the paper: "could be replaced by another sampler, e.g. DDIM"):
   "ancestral"  Algorithm 2's line 5 as written (`ancestral_step`, variance blend v);
   "ddim"       the deterministic DDIM step z_{t+1} = α_λt+1 x̃_t + σ_λt+1 ε̂_t (`ddim_step`);
@@ -33,7 +34,8 @@ and model.py from the project, so the three files lift out together). Command li
 
     python sample.py --ckpt out/mnist/ckpt.pt --w 0 0.5 1 2 4 --classes 0-9 --n-per-class 8 \
         --sampler ancestral --steps 256 --v 0.3 --seed 0 --out samples.png --npz samples.npz
-    python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m          # few steps, same quality
+    python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m          # few steps
+    python sample.py --ckpt out/mnist/ckpt.pt --guidance classifier --classifier-ckpt out/classifier-noisy/mnist/ckpt.pt
     torchrun --nproc_per_node=4 sample.py --ckpt ... --npz samples.npz   # images split across processes
 """
 import argparse

@@ -115,9 +115,11 @@ def main():
         config = dataclasses.asdict(UNetConfig(**MNIST, **fields))
         out = os.path.join(args.out, name)
         shutil.rmtree(out, ignore_errors=True)
-        # Seconds per step: runs to 10 and on to 50 steps cost start-up + 10 and start-up + 40 steps.
+        # Seconds per step: runs to 10 and on to 110 steps cost start-up + 10 and start-up + 100 steps.
         first = train_until(config, flags, args.dataset, args.data_dir, out, 10)
-        step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 50) - first) / 30
+        step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 110) - first) / 90
+        if step_s <= 0:
+            raise SystemExit(f"recipe_search.py: could not time {name}'s steps (start-up noise); run it again")
         shutil.rmtree(out)
         trained_s, done = 0.0, 0
         for minutes in args.minutes:

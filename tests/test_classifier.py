@@ -22,6 +22,7 @@ import torch
 
 import classifier as C
 import model as M
+from conftest import assert_one_line_exit_2
 import sample as SM
 from test_sample import MixtureEps
 
@@ -29,19 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def float64_default():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(net, seed):
@@ -269,12 +258,9 @@ def test_script_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, a
     (tmp_path / "a_file").write_text("")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "ckpt.pt").write_text("")
-    with pytest.raises(SystemExit) as exit_info:
-        C.main(["--dataset", "digits", "--max-steps", "1", *[a.format(tmp=tmp_path) for a in argv]])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert len(err.strip().splitlines()) == 1 and err.startswith("classifier.py: error:") and word in err, err
-    assert "Traceback" not in err
+    argv = ["--dataset", "digits", "--max-steps", "1", *[a.format(tmp=tmp_path) for a in argv]]
+    err = assert_one_line_exit_2(C.main, argv, capsys, "classifier.py: error:")
+    assert word in err, err
 
 
 # ---------------------------------------------------------------- sample.py --guidance classifier
@@ -322,12 +308,9 @@ BAD_SAMPLE = [
 @pytest.mark.parametrize("argv,word", BAD_SAMPLE, ids=[" ".join(a) for a, _ in BAD_SAMPLE])
 def test_sample_bad_classifier_input_exits_2_with_one_line(ckpts, tmp_path, capsys, argv, word):
     args = ["--ckpt", f"{ckpts}/diffusion.pt", "--steps", "2", "--out", str(tmp_path / "s.png")]
-    with pytest.raises(SystemExit) as exit_info:
-        SM.main(args + [a.format(d=ckpts) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert len(err.strip().splitlines()) == 1 and err.startswith("sample.py: error:") and word in err, err
-    assert "Traceback" not in err and not list(tmp_path.iterdir())
+    err = assert_one_line_exit_2(SM.main, args + [a.format(d=ckpts) for a in argv], capsys, "sample.py: error:")
+    assert word in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_sample_cli_classifier_guidance_end_to_end(ckpts, tmp_path):

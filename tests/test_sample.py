@@ -23,6 +23,7 @@ from matplotlib.image import imread
 from scipy.integrate import solve_ivp
 
 import model as M
+from conftest import assert_one_line_exit_2
 import sample as SM
 import schedule as S
 
@@ -30,13 +31,7 @@ REPO = os.path.dirname(os.path.abspath(SM.__file__))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses on the shared machine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The toys are tiny: one thread avoids oversubscribing the shared machine (and is faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -340,13 +335,6 @@ def exact_flow(z1, m, s2):
     return (z - s1 * eps) / a1
 
 
-@pytest.fixture
-def float64_default():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 @pytest.mark.parametrize("sampler,order", [("ddim", 1), ("dpmpp2m", 2)])
 def test_solvers_converge_to_the_exact_flow_at_their_order(sampler, order, float64_default):
     """Data N(0.3, 0.2²), exact ε*, λ evenly spaced: the endpoint error against the exact flow falls by 2^order
@@ -471,12 +459,9 @@ BAD = [  # (arguments, a word the message must contain)
 @pytest.mark.parametrize("argv,word", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(ckpts, tmp_path, capsys, argv, word):
     args = ["--ckpt", f"{ckpts}/good.pt", "--steps", "2", "--out", str(tmp_path / "s.png")]
-    with pytest.raises(SystemExit) as exit_info:
-        SM.main(args + [a.format(d=ckpts) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert len(err.strip().splitlines()) == 1 and err.startswith("sample.py: error:") and word in err, err
-    assert "Traceback" not in err and not list(tmp_path.iterdir())
+    err = assert_one_line_exit_2(SM.main, args + [a.format(d=ckpts) for a in argv], capsys, "sample.py: error:")
+    assert word in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_input_in_a_real_process(ckpts):

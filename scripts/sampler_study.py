@@ -106,18 +106,20 @@ def report(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2 * len(ws), figsize=(4.2 * 2 * len(ws), 3.4))
+    fig, axes = plt.subplots(1, 2 * len(ws), figsize=(4.2 * 2 * len(ws), 3.8))
+    series = sorted({(s, sp) for s, sp, _ in by_cell})  # one colour per (sampler, spacing) on every panel
     for j, w in enumerate(ws):
         for metric, ax in (("fid", axes[2 * j]), ("accuracy", axes[2 * j + 1])):
-            for (sampler, spacing) in sorted({(s, sp) for s, sp, _ in by_cell}):
+            for k, (sampler, spacing) in enumerate(series):
                 pts = sorted((t, c[w][metric]) for (s, sp, t), c in by_cell.items() if (s, sp) == (sampler, spacing) and w in c)
                 if pts:
-                    ax.plot(*zip(*pts), "o-", label=f"{sampler}, {spacing}")
+                    ax.plot(*zip(*pts), "o-", color=f"C{k}", label=f"{sampler}, {spacing}")
             ax.axhline(floor[metric], ls="--", c="gray", label="real data")
             ax.set(xscale="log", xlabel="sampling steps T", ylabel=f"MNIST {metric}", title=f"w = {w:g}")
             ax.set_xticks([8, 16, 32, 64, 256], ["8", "16", "32", "64", "256"])
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     fig.savefig(args.plot, dpi=80)
     print(f"\nplot: {args.plot}")

@@ -185,3 +185,39 @@ def test_load_samples_npz_reads_sample_py_layout(tmp_path):
     assert x.shape == (6, 3, 4, 5) and x.dtype == torch.uint8
     assert torch.equal(x[2, 1], torch.from_numpy(images[2, :, :, 1]))
     assert labels.tolist() == list(range(6)) and w.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out splits and the memorisation check (issue 13), against brute force
+# --------------------------------------------------------------------------------------------
+
+def test_split_holdout_keeps_the_last_images_of_each_class_out():
+    import data
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    images = torch.arange(200, dtype=torch.uint8).reshape(200, 1, 1, 1)  # image i holds the number i
+    train_x, train_y, held_x, held_y = data.split_holdout(images, labels, 5)
+    expected_held = sorted(i for c in range(4) for i in [j for j in range(200) if labels[j] == c][-5:])
+    assert sorted(held_x.flatten().tolist()) == expected_held
+    assert sorted(train_x.flatten().tolist()) == sorted(set(range(200)) - set(expected_held))
+    assert torch.equal(held_y, labels[held_x.flatten().long()]) and torch.equal(train_y, labels[train_x.flatten().long()])
+    assert data.split_holdout(images, labels, 0)[0].shape[0] == 200
+    with pytest.raises(data.DataError, match="cannot hold out"):
+        data.split_holdout(images, labels, 100)
+
+
+def test_reference_and_floor_are_disjoint_halves():
+    images, labels = torch.arange(11).reshape(11, 1, 1, 1), torch.arange(11) % 3
+    (ref_x, ref_y), (floor_x, floor_y) = metrics.reference_and_floor(images, labels)
+    assert ref_x.flatten().tolist() == [0, 2, 4, 6, 8, 10] and floor_x.flatten().tolist() == [1, 3, 5, 7, 9]
+    assert torch.equal(ref_y, labels[0::2]) and torch.equal(floor_y, labels[1::2])
+
+
+def test_nearest_distances_match_a_brute_force_search():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(0, 256, (7, 1, 4, 4), dtype=np.uint8))
+    b = torch.from_numpy(rng.integers(0, 256, (9, 1, 4, 4), dtype=np.uint8))
+    xa, xb = a.double().flatten(1).numpy() / 127.5 - 1, b.double().flatten(1).numpy() / 127.5 - 1
+    expected = [min(np.sqrt(((x - y) ** 2).sum()) for y in xb) for x in xa]
+    np.testing.assert_allclose(metrics.nearest_distances(a, b, batch_size=3).numpy(), expected, rtol=1e-6)  # float32 pixels
+    assert metrics.nearest_distances(a, a).abs().max() < 1e-6  # every image is its own nearest

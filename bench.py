@@ -29,7 +29,8 @@ with the thread's CPU time, which other processes barely disturb.
 
 On CUDA: times are synchronised with torch.cuda.synchronize; without --amp, cuDNN convolutions use
 TF32 by default while the float32 matmul reference does not, so the float32 "MFU" there can
-overstate; --amp compares with bfloat16.
+overstate; --amp compares with bfloat16. With --amp the sampling steps run under bf16 autocast too, which
+sample.py does not offer yet: those sampling figures are what a bf16 sampler would reach.
 
     python bench.py                                   # CPU: digits, mnist and cifar10 (a few minutes)
     python bench.py --presets mnist --iters 10 --json bench.json

@@ -26,6 +26,9 @@ run in another machine's data folder). Each download streams to a temporary file
 exactly Content-Length bytes with the published MD5, and is then renamed into place; a failed
 attempt is retried, and after the last one DataError says which files to place where.
 
+`split_holdout(images, labels, per_class)` holds out the last images of each class (HOLDOUT: mnist 200),
+for data without a test split: train.py (--holdout) and metrics.py leave them out by the same rule.
+
 Run `python data.py mnist --data-dir ./data` to load a dataset and print its shape and classes.
 """
 import gzip

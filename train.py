@@ -16,7 +16,7 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). One netw
 `drop_labels`, `sample_logsnr` and `diffusion_loss` are pure functions that work for any module with
 forward(z, logsnr, labels). `train_step` is one step of the whole recipe (the loss, backward, gradient
 clipping, Adam with learning-rate warm-up, the EMA of the weights that sample.py uses); bench.py and
-the notebooks call it with `parse_args(["--dataset", name])`, so they train exactly as this script does.
+notebook 00 call it with `parse_args(["--dataset", name])`, so they train exactly as this script does.
 `main` is the rest of a run, top to bottom: settings, resume check, data, model, loop, with checkpoints
 that resume exactly, preview grids drawn by sample.py, and DistributedDataParallel under torchrun.
 

@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fast_cpu
 from model import PRESETS, UNet
-from sample import DEFAULTS, guided_eps, sample
+from sample import DEFAULTS, FAST_SAMPLER, guided_eps, sample
 from train import DATASET_DEFAULTS, parse_args, train_step
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
@@ -226,8 +226,8 @@ def bench_sample(preset, device, args):
     result["ratio"] = result["ratio_one_batch"]  # sample.py's way
     batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
     result["hours_50k_T256_guided"] = batches * 256 * result["w1_one_batch_seconds_best"] / 3600
-    result["fast_sampler"], result["fast_steps"] = "dpmpp2m", DEFAULTS["dpmpp2m"]["steps"]
-    result["hours_50k_fast_guided"] = batches * DEFAULTS["dpmpp2m"]["steps"] * result["w1_one_batch_seconds_best"] / 3600
+    result["fast_sampler"], result["fast_steps"] = FAST_SAMPLER, DEFAULTS[FAST_SAMPLER]["steps"]
+    result["hours_50k_fast_guided"] = batches * DEFAULTS[FAST_SAMPLER]["steps"] * result["w1_one_batch_seconds_best"] / 3600
     return result
 
 

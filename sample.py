@@ -22,7 +22,9 @@ The loop is written once (`sample`); two things plug into it:
   "ddim"       the deterministic DDIM step z_{t+1} = α_λt+1 x̃_t + σ_λt+1 ε̂_t (`ddim_step`);
   "dpmpp2m"    DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of the
                probability-flow ODE with data prediction (`dpmpp2m_step`): DDIM with x̃_t extrapolated
-               from x̃_t and x̃_{t−1}. Made for guided sampling at few steps.
+               from x̃_t and x̃_{t−1}. Made for guided sampling at few steps;
+  "dpmpp2m-sde" its SDE form (`dpmpp2m_sde_step`): line 5 with v = 0 and the same extrapolated x̃_t, fresh
+               noise each step like the paper's sampler.
 The λ_t are taken at evenly spaced u of a schedule: "cosine" (the paper's: the cosine schedule of
 training, λ = −2 log tan(a u + b)) or "uniform" (λ evenly spaced, DPM-Solver's choice). Defaults per
 sampler (`DEFAULTS`) are the measured best (README, "Fast sampling").
@@ -38,7 +40,7 @@ guidance.py, classifier.py and fast_cpu.py, each where it is needed). Command li
 
     python sample.py --ckpt out/mnist/ckpt.pt --w 0 0.5 1 2 4 --classes 0-9 --n-per-class 8 \
         --sampler ancestral --steps 256 --v 0.3 --seed 0 --out samples.png --npz samples.npz
-    python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m          # few steps
+    python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m-sde      # few steps (24)
     python sample.py --ckpt out/mnist/ckpt.pt --guidance classifier --classifier-ckpt out/classifier-noisy/mnist/ckpt.pt
     python sample.py --ckpt out/mnist/ckpt.pt --guidance apg --w 0 2 4 8   # or interval, autoguidance, rescale, cfgpp
     torchrun --nproc_per_node=4 sample.py --ckpt ... --npz samples.npz   # images split across processes
@@ -62,7 +64,9 @@ import schedule
 # Per sampler: the λ spacing and the number of steps T when none is given (measured: README, "Fast sampling").
 DEFAULTS = {"ancestral": dict(spacing="cosine", steps=256),  # the paper's T = 256
             "ddim": dict(spacing="cosine", steps=256),
-            "dpmpp2m": dict(spacing="uniform", steps=24)}
+            "dpmpp2m": dict(spacing="uniform", steps=24),
+            "dpmpp2m-sde": dict(spacing="uniform", steps=24)}
+FAST_SAMPLER = "dpmpp2m-sde"  # the few-step choice, guided and unguided (README, "Fast sampling")
 
 
 # ------------------------------------------------------------------ line 3: the guidance rule
@@ -109,16 +113,31 @@ def ddim_step(z, x, logsnr, logsnr_next, eps=None):
     return (sigma[1] / sigma[0]) * z + alpha[1] * -math.expm1(-h) * x
 
 
-def dpmpp2m_step(z, x, logsnr, logsnr_next, x_prev=None, logsnr_prev=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction, in the paper's λ.
+def extrapolate_x(x, x_prev, logsnr_prev, logsnr, logsnr_next):
+    """DPM-Solver++(2M)'s data prediction over the step λ → λ′: D = x̃ + (x̃ − x̃_prev) / (2r), r = (λ − λ_prev) /
+    (λ′ − λ), the linear extrapolation from x̃_prev (at λ_prev) and x̃ (r is a ratio of steps, the same in λ or in
+    DPM-Solver's λ/2). With no previous x̃ (the first step) D = x̃, and the step is first order."""
+    if x_prev is None:
+        return x
+    r = (logsnr - logsnr_prev) / (logsnr_next - logsnr)
+    return x + (x - x_prev) / (2 * r)
 
-    The DDIM step with x̃ replaced by D = x̃ + (x̃ − x̃_prev) / (2r), r = (λ − λ_prev) / (λ′ − λ): the
-    linear extrapolation of the data prediction over the step (r is a ratio of steps, the same in λ
-    or in DPM-Solver's λ/2). With no previous x̃ (the first step) it is DDIM, the first-order method."""
-    if x_prev is not None:
-        r = (logsnr - logsnr_prev) / (logsnr_next - logsnr)
-        x = x + (x - x_prev) / (2 * r)
-    return ddim_step(z, x, logsnr, logsnr_next)
+
+def dpmpp2m_step(z, x, logsnr, logsnr_next, x_prev=None, logsnr_prev=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction, in the paper's λ:
+    the DDIM step with x̃ replaced by D (`extrapolate_x`). The probability-flow ODE, deterministic."""
+    return ddim_step(z, extrapolate_x(x, x_prev, logsnr_prev, logsnr, logsnr_next), logsnr, logsnr_next)
+
+
+def dpmpp2m_sde_step(z, x, logsnr, logsnr_next, noise, x_prev=None, logsnr_prev=None):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5; k-diffusion's dpmpp_2m_sde, η = 1), in the paper's λ:
+    z′ = (σ_λ′/σ_λ) e^{−h} z + α_λ′ (1 − e^{−2h}) D + σ_λ′ (1 − e^{−2h})^{1/2} · noise, h = (λ′ − λ)/2.
+
+    That is Algorithm 2's line 5 with v = 0 (mean μ̃_{λ′|λ}(z, D), variance σ̃²_{λ′|λ} = σ²_λ′ (1 − e^{λ−λ′})) and
+    x̃ replaced by D (`extrapolate_x`): the paper's ancestral sampler made second order. It samples the reverse
+    SDE, whose fresh noise corrects the network's errors where the ODE carries them (README, "Fast sampling")."""
+    return ancestral_step(z, extrapolate_x(x, x_prev, logsnr_prev, logsnr, logsnr_next), logsnr, logsnr_next, 0.0,
+                          noise)
 
 
 # ------------------------------------------------------------------ line 4: x̃ kept in the data range
@@ -154,7 +173,7 @@ def _randn(shape, generator, device):
 @torch.no_grad()
 def sample(model, labels, w, steps=None, sampler="ancestral", spacing=None, v=0.3, clip_x=True,
            guidance=guided_eps, shape=None, generator=None, progress=None):
-    """Algorithm 2 with the given step (ancestral, ddim or dpmpp2m) and guidance rule: one sample x̃ per label.
+    """Algorithm 2 with the given step (one of DEFAULTS) and guidance rule: one sample x̃ per label.
 
     labels: (B,) long, on the device to sample on. w: a number or a (B,) tensor. steps, spacing: T and
     the λ spacing, by default DEFAULTS[sampler]. clip_x: True clips x̃ to [−1, 1], False leaves it (the paper),
@@ -205,8 +224,11 @@ def sample(model, labels, w, steps=None, sampler="ancestral", spacing=None, v=0.
             z = ancestral_step(z, x, logsnrs[t], logsnrs[t + 1], v, _randn(z.shape, generator, device))
         elif sampler == "ddim":
             z = ddim_step(z, x, logsnrs[t], logsnrs[t + 1], eps_renoise)
-        else:
+        elif sampler == "dpmpp2m":
             z = dpmpp2m_step(z, x, logsnrs[t], logsnrs[t + 1], x_prev, logsnrs[t - 1] if t else None)
+        else:
+            z = dpmpp2m_sde_step(z, x, logsnrs[t], logsnrs[t + 1], _randn(z.shape, generator, device), x_prev,
+                                 logsnrs[t - 1] if t else None)
         x_prev = x
     if bar is not None:
         bar.close()

@@ -9,7 +9,7 @@ each running the project's own commands as subprocesses, each command with a tim
             hours for 50,000 guided samples at T = 256 and with the fast sampler
   fashion   a real run: train.py --dataset fashion-mnist --amp --compile (about --train-seconds of
             steps, sized from the bench stage's images/s), metrics.py train-classifier, sample.py
-            --sampler dpmpp2m --w 0 1 3 --n-per-class 100, and metrics.py mnist's table
+            --sampler dpmpp2m-sde --w 0 1 3 --n-per-class 100, and metrics.py mnist's table
   cifar10   train.py --dataset cifar10 --amp --compile for a few hundred steps on a synthetic file in
             the real CIFAR-10 format (no download; writer: tests/official_formats.py)
   torchrun  torchrun --nproc_per_node=1 train.py --amp --compile (DDP), then sample.py (NCCL): one
@@ -76,7 +76,7 @@ SETTINGS = {
         fashion=dict(dataset="fashion-mnist", holdout=[],  # fashion-mnist: no holdout, the t10k split is the reference
                      min_steps=500, max_steps=20_000, default_steps=3000,  # default: when the bench stage did not run
                      train=["--sample-steps", "64"], classifier=["--epochs", "5"],
-                     sample=["--n-per-class", "100"]),  # dpmpp2m at its default T = 24
+                     sample=["--n-per-class", "100"]),  # dpmpp2m-sde at its default T = 24
         cifar10=dict(images_per_batch=128, steps=300, preview_steps=32, train=[]),  # 640 images: 5 batches of 128
         torchrun=dict(steps=200, train=["--sample-steps", "16"], sample=["--n-per-class", "4", "--steps", "32"]),
         resume=dict(steps=1000, ckpt_every=100, train=["--amp"]),
@@ -369,7 +369,7 @@ def stage_fashion(run):
     figures["classifier"] = dict(test_accuracy=float(found[1]), test_split=found[2], seconds=seconds)
 
     npz = os.path.join(run.work, "samples.npz")
-    out, _, _ = run_command(run, [PY, "sample.py", "--ckpt", ckpt_path, "--sampler", "dpmpp2m", "--w", *ws,
+    out, _, _ = run_command(run, [PY, "sample.py", "--ckpt", ckpt_path, "--sampler", "dpmpp2m-sde", "--w", *ws,
                                   *s["sample"], "--npz", npz, "--out", os.path.join(run.work, "samples.png"),
                                   "--device", run.device], cap=180)
     config = ckpt["config"]
@@ -377,7 +377,7 @@ def stage_fashion(run):
     samples(npz, [float(w) for w in ws], list(range(config["num_classes"])), n_per_class,
             (config["image_size"], config["image_size"], config["in_channels"]))
     images, seconds, _ = sampling_rate(out)
-    figures["sample"] = dict(sampler="dpmpp2m", images=images, seconds=seconds, images_per_s=images / seconds)
+    figures["sample"] = dict(sampler="dpmpp2m-sde", images=images, seconds=seconds, images_per_s=images / seconds)
 
     out, _, _ = run_command(run, [PY, "metrics.py", "mnist", "--npz", npz, "--dataset", dataset, *data, *s["holdout"],
                                   "--classifier", clf], cap=180)

@@ -215,6 +215,45 @@ def chain_law(T, sampler, v, w, toy):
         M_, V = z_k * M_ + z_c, z_k ** 2 * V + var
 
 
+def sde2m_chain_law(T, w, toy, second_order=True):
+    """The exact output law of SDE-DPM-Solver++(2M), written from Lu et al.'s update in VE coordinates y = z/α,
+    σ̂ = σ/α = e^{−λ/2} (k-diffusion's dpmpp_2m_sde, η = 1, midpoint): with h = (λ′ − λ)/2 and r = h_prev/h,
+    y′ = (σ̂′/σ̂) e^{−h} y + (1 − e^{−2h}) [x̃ + (x̃ − x̃_prev)/(2r)] + σ̂′ (1 − e^{−2h})^{1/2} n, then z′ = α′ y′.
+    Every step is affine in the state s = (z, x̃_prev) plus Gaussian noise: s ~ N(M, V) with a 2×2 V. λ evenly
+    spaced. second_order=False drops the x̃_prev term: the first-order SDE step."""
+    logsnr = np.linspace(S.LOGSNR_MIN, S.LOGSNR_MAX, T)
+    M_, V = np.zeros(2), np.diag([1.0, 0.0])  # z_1 ~ N(0, 1); no x̃_prev yet
+    for t in range(T):
+        k, c, alpha, sigma = linear_guided_eps(logsnr[t], w, *toy)
+        x_k, x_c = (1 - sigma ** 2 * k) / alpha, sigma ** 2 * c / alpha  # x̃ = x_k z + x_c
+        if t == T - 1:
+            return x_k * M_[0] + x_c, x_k ** 2 * V[0, 0]
+        alpha_n, sigma_n = math.sqrt(sigmoid(logsnr[t + 1])), math.sqrt(sigmoid(-logsnr[t + 1]))
+        h = (logsnr[t + 1] - logsnr[t]) / 2
+        extra = 0.0 if t == 0 or not second_order else 1 / (2 * (logsnr[t] - logsnr[t - 1]) / 2 / h)  # 1/(2r)
+        # D = (1 + extra) x̃ − extra x̃_prev, in terms of s = (z, x̃_prev): D = d · s + d_c
+        d, d_c = np.array([(1 + extra) * x_k, -extra]), (1 + extra) * x_c
+        shat, shat_n = sigma / alpha, sigma_n / alpha_n
+        y_to_next = alpha_n * shat_n / shat * math.exp(-h) / alpha  # z′ coefficient on z (y = z/α)
+        A = np.array([[y_to_next, 0.0], [x_k, 0.0]]) + np.outer([alpha_n * -math.expm1(-2 * h), 0.0], d)
+        const = np.array([alpha_n * -math.expm1(-2 * h) * d_c, x_c])
+        noise = np.diag([(alpha_n * shat_n) ** 2 * -math.expm1(-2 * h), 0.0])
+        M_, V = A @ M_ + const, A @ V @ A.T + noise
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_sde_dpmpp2m_output_law_equals_the_exact_law_of_its_chain(w):
+    """T = 12, λ evenly spaced: the 2M correction changes the output variance by several Monte Carlo errors
+    against the first-order chain (ancestral, v = 0), so the extrapolation, the step and the noise are pinned."""
+    toy = PerLabelGaussianEps([TOY[0], TOY[2]], [TOY[1], TOY[3]])
+    x = SM.sample(toy, torch.zeros(20_000, dtype=torch.long), w, steps=12, sampler="dpmpp2m-sde", clip_x=False,
+                  shape=(1,), generator=torch.Generator().manual_seed(11)).double().flatten().numpy()
+    mean, var = sde2m_chain_law(12, w, TOY)
+    assert_moments(x, mean, var)
+    _, var_first_order = sde2m_chain_law(12, w, TOY, second_order=False)
+    assert abs(var - var_first_order) > 6 * var * math.sqrt(2 / (len(x) - 1)), (var, var_first_order)
+
+
 def continuous_law(kind, w, toy):
     """T → ∞ limits, solved with solve_ivp in float64. Expanding one step of Algorithm 2 to first order in
     dλ gives the reverse SDE dz = (½σ² z − σ ε̃) dλ + σ dW (for every v); DDIM gives the probability-flow
@@ -252,7 +291,8 @@ def test_output_law_equals_the_exact_law_of_the_chain(sampler, v, w):
     assert_moments(x.double().flatten().numpy(), *chain_law(16, sampler, v, w, TOY))
 
 
-@pytest.mark.parametrize("sampler,v", [("ancestral", 0.0), ("ancestral", 0.3), ("ancestral", 1.0), ("ddim", 0.0)])
+@pytest.mark.parametrize("sampler,v", [("ancestral", 0.0), ("ancestral", 0.3), ("ancestral", 1.0), ("ddim", 0.0),
+                                       ("dpmpp2m-sde", 0.0)])
 def test_many_steps_reproduce_the_data_distribution(sampler, v):
     """x ~ N(m, Σ) in 2-D with a full Σ; exact ε*; T = 1024. Mean and covariance within 4 Monte Carlo
     standard errors, plus 1.5% for the remaining O(1/T) discretisation (chain_law: ≤ 1.2% here)."""
@@ -278,7 +318,7 @@ def test_guidance_matches_the_reverse_sde_and_the_probability_flow_ode(w):
     tilt_mean = ((1 + w) * TOY[0] / TOY[1] - w * TOY[2] / TOY[3]) / precision
     assert min(abs(sde[0] - ode[0]), abs(sde[0] - tilt_mean), abs(ode[0] - tilt_mean)) > 0.05
     assert sde[0] > TOY[0] + 0.15 and ode[0] > TOY[0] + 0.3  # pushed away from the unconditional mean
-    for sampler, ref in [("ancestral", sde), ("ddim", ode)]:
+    for sampler, ref in [("ancestral", sde), ("dpmpp2m-sde", sde), ("ddim", ode)]:
         x = SM.sample(toy, torch.zeros(20_000, dtype=torch.long), w, steps=1024, sampler=sampler, clip_x=False,
                       shape=(1,), generator=torch.Generator().manual_seed(3))
         assert_moments(x.double().flatten().numpy(), *ref, bias=0.02)  # O(1/T): chain_law gives ≤ 1.3%

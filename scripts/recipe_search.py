@@ -1,21 +1,26 @@
 """Time-to-quality search for the 28×28 presets: which network and training settings give the best
 samples per minute of CPU training (README, "A recipe for CPU minutes").
 
-Each candidate is a U-Net config (model.UNetConfig) and train.py flags. It is trained by train.py
+Each candidate is a U-Net config (model.UNetConfig) and train.py flags. `train` trains it with train.py
 itself, with model.PRESETS[dataset] replaced by the candidate's config in that process, in segments
-that end at the given minutes (`--resume` continues each segment exactly, so the checkpoint at each
-milestone is the one a single run of that many steps writes). At each milestone the EMA weights
-draw --n samples (balanced classes, the same noise for every candidate and milestone) with the fast
-sampler at w = 0 and w = 1, scored with the project's metrics classifier against held-out real
-digits (metrics.load_splits); the real-data floor at the same count is printed beside them.
+that end at the given minutes (calibrated from its first 100 steps; `--resume` continues each segment
+exactly, so the checkpoint at each milestone is the one a single run of that many steps writes), and
+lists the milestones in trained.jsonl. `evaluate` draws --n samples from each milestone's EMA weights
+(balanced classes, the same noise for every candidate and milestone) with the fast sampler at the given
+w, scored with the project's metrics classifier against held-out real digits (metrics.load_splits),
+the real-data floor at the same count beside them (results.jsonl). `time` measures each candidate's
+milliseconds per training step in one process with this process's threads (run it on a quiet machine),
+and `report` prints the table and draws the plot with minutes = steps × ms/step, so that what else
+shared the machine during training does not enter the figures.
 
     python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
-    OMP_NUM_THREADS=1 python scripts/recipe_search.py --data-dir ../shared/data/mnist-4k \
-        --candidates baseline shallow --minutes 8 16 32 --out out/recipes
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py train --data-dir ../shared/data/mnist-4k \
+        --candidates tiny shallow-b64 --minutes 6 12 24 --out out/recipes
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --data-dir ../shared/data/mnist-4k --w 0 --out out/recipes
+    python scripts/recipe_search.py time --data-dir ../shared/data/mnist-4k --out out/recipes    # 2 threads
+    python scripts/recipe_search.py report --data-dir ../shared/data/mnist-4k --out out/recipes  # -> docs/recipes.png
 
-Writes out/recipes/<candidate>/ (checkpoint, milestones) and appends one JSON line per milestone to
-out/recipes/results.jsonl. Minutes are wall-clock minutes of training alone on the machine that runs
-it, with the threads it is given: report bench.py's matmul rate beside them.
+Report bench.py's matmul rate beside the minutes.
 """
 import argparse
 import dataclasses
@@ -34,7 +39,7 @@ sys.path.insert(0, REPO)
 import fast_cpu  # noqa: E402
 import metrics  # noqa: E402
 from model import UNetConfig, load_checkpoint, model_from_checkpoint  # noqa: E402
-from sample import sample  # noqa: E402
+from sample import FAST_SAMPLER, sample  # noqa: E402
 
 MNIST = dict(image_size=28, in_channels=1, num_classes=10)
 CANDIDATES = {  # name -> (UNetConfig fields, train.py flags)
@@ -48,6 +53,8 @@ CANDIDATES = {  # name -> (UNetConfig fields, train.py flags)
              ["--batch-size", "32", "--lr", "1e-3"]),
     "tiny": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
              ["--batch-size", "64", "--lr", "2e-3"]),
+    "tiny-b32": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
+                 ["--batch-size", "32", "--lr", "1e-3"]),
 }
 
 # train.main in a process whose model.PRESETS[dataset] is the candidate's config (argv[1], JSON).
@@ -87,37 +94,17 @@ def evaluate(ckpt_path, clf, ref_feats, n, ws, sampler, steps, seed=0):
     return results
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    p.add_argument("--minutes", type=float, nargs="+", default=[4, 8, 16, 24], help="milestones, training minutes")
-    p.add_argument("--n", type=int, default=1000, help="samples per w at each milestone (balanced classes)")
-    p.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0])
-    p.add_argument("--sampler", default="dpmpp2m")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
-    p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
-    p.add_argument("--out", default=os.path.join(REPO, "out", "recipes"))
-    args = p.parse_args()
-
-    fast_cpu.keep_freed_memory()  # this process only samples (training runs in subprocesses), as sample.py
-    clf = metrics.load_classifier(args.classifier or metrics.default_classifier_path(args.dataset))
-    splits = metrics.load_splits(args.dataset, args.data_dir)
-    (ref_x, _), (floor_x, floor_y) = metrics.reference_and_floor(*splits["held"])
-    ref_feats = metrics.classifier_features(clf, ref_x)
-    floor = metrics.real_floor(clf, floor_x, floor_y, ref_feats, args.n)
-    print(f"real-data floor at n = {args.n}: FID {floor['fid']:.2f}, IS {floor['is']:.2f}, accuracy {floor['accuracy']:.3f}",
-          flush=True)
+def train_candidates(args):
+    """Train each candidate to its milestones; one line per milestone in trained.jsonl (no sampling here)."""
     os.makedirs(args.out, exist_ok=True)
     for name in args.candidates:
         fields, flags = CANDIDATES[name]
         config = dataclasses.asdict(UNetConfig(**MNIST, **fields))
-        out = os.path.join(args.out, name)
+        out = os.path.join(args.out, args.dataset, name)
         shutil.rmtree(out, ignore_errors=True)
         # Seconds per step: runs to 10 and on to 110 steps cost start-up + 10 and start-up + 100 steps.
         first = train_until(config, flags, args.dataset, args.data_dir, out, 10)
-        step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 110) - first) / 90
+        step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 110) - first) / 100
         if step_s <= 0:
             raise SystemExit(f"recipe_search.py: could not time {name}'s steps (start-up noise); run it again")
         shutil.rmtree(out)
@@ -128,17 +115,123 @@ def main():
             done = steps
             milestone = os.path.join(out, f"ckpt_{steps:06d}.pt")
             shutil.copyfile(os.path.join(out, "ckpt.pt"), milestone)
-            t = time.perf_counter()
-            results = evaluate(milestone, clf, ref_feats, args.n, args.w, args.sampler, args.steps)
-            row = dict(candidate=name, config=config, flags=flags, steps=steps, train_minutes=trained_s / 60,
-                       params=sum(v.numel() for k, v in load_checkpoint(milestone)["ema"].items()),
-                       n=args.n, sampler=args.sampler, floor=floor, threads=torch.get_num_threads(),
-                       results={str(w): r for w, r in results.items()})
-            with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+            row = dict(candidate=name, dataset=args.dataset, config=config, flags=flags, steps=steps,
+                       train_minutes=trained_s / 60, threads=torch.get_num_threads(), ckpt=os.path.relpath(milestone, REPO),
+                       params=sum(v.numel() for v in load_checkpoint(milestone)["ema"].values()))
+            with open(os.path.join(args.out, "trained.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{name:12s} {steps:6d} steps {trained_s / 60:6.1f} min  " + "  ".join(
-                f"w={w:g}: FID {r['fid']:6.2f} acc {r['accuracy']:.3f}" for w, r in results.items())
-                + f"  (eval {time.perf_counter() - t:.0f} s)", flush=True)
+            print(f"{name:12s} {steps:6d} steps {trained_s / 60:6.1f} min", flush=True)
+
+
+def evaluate_milestones(args):
+    """Score every milestone in trained.jsonl not yet in results.jsonl with this sampler and these w."""
+    fast_cpu.keep_freed_memory()  # this process only samples, as sample.py
+    clf = metrics.load_classifier(args.classifier or metrics.default_classifier_path(args.dataset))
+    splits = metrics.load_splits(args.dataset, args.data_dir)
+    (ref_x, _), (floor_x, floor_y) = metrics.reference_and_floor(*splits["held"])
+    ref_feats = metrics.classifier_features(clf, ref_x)
+    floor = metrics.real_floor(clf, floor_x, floor_y, ref_feats, args.n)
+    print(f"real-data floor at n = {args.n}: FID {floor['fid']:.2f}, IS {floor['is']:.2f}, accuracy {floor['accuracy']:.3f}",
+          flush=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = set()
+    if os.path.exists(results_path):
+        done = {(r["ckpt"], r["sampler"], r["sampling_steps"]) for r in map(json.loads, open(results_path))}
+    for row in map(json.loads, open(os.path.join(args.out, "trained.jsonl"))):
+        if (row["dataset"] != args.dataset or row["candidate"] not in args.candidates
+                or (row["ckpt"], args.sampler, args.steps) in done):
+            continue
+        t = time.perf_counter()
+        results = evaluate(os.path.join(REPO, row["ckpt"]), clf, ref_feats, args.n, args.w, args.sampler, args.steps)
+        row.update(n=args.n, sampler=args.sampler, sampling_steps=args.steps, floor=floor,
+                   eval_threads=torch.get_num_threads(), results={str(w): r for w, r in results.items()})
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['candidate']:12s} {row['steps']:6d} steps  " + "  ".join(
+            f"w={w:g}: FID {r['fid']:6.2f} acc {r['accuracy']:.3f}" for w, r in results.items())
+            + f"  (eval {time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def time_candidates(args):
+    """Milliseconds per training step of each candidate in this process (its threads), on a batch of noise, as
+    train.py runs it (train.train_step with the candidate's flags); written to timings.json."""
+    import copy
+    import train
+    from model import UNet
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "timings.json")
+    timings = json.load(open(path)) if os.path.exists(path) else {}
+    for name in args.candidates:
+        fields, flags = CANDIDATES[name]
+        train_args = train.parse_args(["--dataset", args.dataset, "--data-dir", args.data_dir, *flags])
+        net = UNet(UNetConfig(**MNIST, **fields))
+        ema, optimizer = copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=train_args.lr)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(train_args.batch_size, 1, 28, 28, generator=g) * 2 - 1
+        labels = torch.randint(0, 10, (train_args.batch_size,), generator=g)
+        seconds = []
+        for step in range(25):  # 5 warm-up steps, then the median of 20
+            start = time.perf_counter()
+            train.train_step(net, ema, optimizer, x, labels, 10, step, train_args)
+            seconds.append(time.perf_counter() - start)
+        timings[name] = dict(ms_per_step=1000 * sorted(seconds[5:])[10], threads=torch.get_num_threads())
+        print(f"{name:12s} {timings[name]['ms_per_step']:7.1f} ms/step at {torch.get_num_threads()} thread(s)", flush=True)
+    with open(path, "w") as f:
+        json.dump(timings, f, indent=1)
+
+
+def report(args):
+    """The recipe table (markdown) and the quality-against-minutes plot: minutes are steps × the candidate's
+    ms/step from timings.json (training alone, no contention), so they do not depend on what else ran."""
+    timings = json.load(open(os.path.join(args.out, "timings.json")))
+    rows = [r for r in map(json.loads, open(os.path.join(args.out, "results.jsonl")))
+            if r["dataset"] == args.dataset and r["candidate"] in timings]
+    floor = rows[0]["floor"]
+    print(f"real data (n = {rows[0]['n']}): FID {floor['fid']:.2f}, accuracy {floor['accuracy']:.3f}\n")
+    print("| candidate | network | batch, lr | params | ms/step | steps | minutes | FID (w = 0) | accuracy (w = 0) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, name in enumerate(c for c in CANDIDATES if c in {r["candidate"] for r in rows}):
+        mine = sorted((r for r in rows if r["candidate"] == name), key=lambda r: r["steps"])
+        ms = timings[name]["ms_per_step"]
+        c = mine[0]["config"]
+        for r in mine:
+            res = r["results"]["0.0"]
+            print(f"| {name} | {c['channels']} ch × {tuple(c['channel_mult'])}, {c['num_res_blocks']} block(s), dropout "
+                  f"{c['dropout']} | {r['flags'][1]}, {r['flags'][3]} | {r['params'] / 1e6:.2f}M | {ms:.0f} | {r['steps']} | "
+                  f"{r['steps'] * ms / 60000:.1f} | {res['fid']:.1f} | {res['accuracy']:.3f} |")
+        minutes = [r["steps"] * ms / 60000 for r in mine]
+        for ax, key in zip(axes, ("fid", "accuracy")):
+            ax.plot(minutes, [r["results"]["0.0"][key] for r in mine], "o-", color=f"C{k}", label=name)
+    for ax, key in zip(axes, ("fid", "accuracy")):
+        ax.axhline(floor[key], ls="--", c="gray", label="real data")
+        ax.set(xlabel=f"training minutes ({timings[name]['threads']} threads, this machine)", ylabel=f"{key} at w = 0",
+               yscale="log" if key == "fid" else "linear")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=80)
+    print(f"\nplot: {args.plot}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["train", "evaluate", "time", "report"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--minutes", type=float, nargs="+", default=[4, 8, 16, 24], help="milestones, training minutes")
+    p.add_argument("--n", type=int, default=1000, help="samples per w at each milestone (balanced classes)")
+    p.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--sampler", default=FAST_SAMPLER)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
+    p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
+    p.add_argument("--out", default=os.path.join(REPO, "out", "recipes"))
+    p.add_argument("--plot", default=os.path.join(REPO, "docs", "recipes.png"))
+    args = p.parse_args()
+    dict(train=train_candidates, evaluate=evaluate_milestones, time=time_candidates, report=report)[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""The studies behind notebooks 02, 04 and 05: sample.py runs, cached as npz files, scored by metrics.py.
+
+A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
+rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
+<name>.json beside it, and are reused while the command is unchanged: a notebook re-executes without
+re-sampling, and the cells can be drawn in parallel processes beforehand (one thread each), from notebooks/ with
+the notebook's paths (the command is the cache key, paths as written):
+
+    cd notebooks
+    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 0/2 &
+    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 1/2
+
+Every cell of a study uses sample.py's noise: image (class c, index j) starts from the noise of seed (0, c, j)
+whatever the w or the rule, so the settings are compared on the same noise. `Scorer` scores images with the
+project's metrics classifier against held-out real images (metrics.load_splits) and gives the real-data floor
+at the same count.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import metrics  # noqa: E402
+
+OUT = os.path.join(REPO, "out", "studies")
+QUICK = os.environ.get("CFG_QUICK") == "1"  # CI: a few images and steps, only to exercise the code
+
+
+def load_cell(npz):
+    """(images, labels, w) of a cell; w in float64, rounded to 6 decimals (the npz keeps float32), so that
+    `ws == 0.1` selects the images of w = 0.1."""
+    images, labels, ws = metrics.load_samples_npz(npz)
+    return images, labels, torch.round(ws.double() * 1e6) / 1e6
+
+
+def run_cell(name, argv, out_dir=OUT):
+    """The images of `python sample.py *argv`: (images uint8 (N, C, H, W), labels (N,), w (N,) float64), from
+    <out_dir>/<name>.npz when that was written by the same command, else sampled now (and cached)."""
+    os.makedirs(out_dir, exist_ok=True)
+    npz, info_path = os.path.join(out_dir, f"{name}.npz"), os.path.join(out_dir, f"{name}.json")
+    argv = [str(a) for a in argv]
+    if os.path.exists(info_path) and os.path.exists(npz):
+        with open(info_path) as f:
+            if json.load(f)["argv"] == argv:
+                return load_cell(npz)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *argv, "--npz", npz,
+                          "--out", os.path.join(out_dir, f"{name}.png")], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"sample.py {' '.join(argv)} failed: {run.stderr.strip()}")
+    info = dict(argv=argv, seconds=time.perf_counter() - start, threads=int(os.environ.get("OMP_NUM_THREADS", 0))
+                or torch.get_num_threads())
+    with open(f"{info_path}.tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(f"{info_path}.tmp", info_path)
+    return load_cell(npz)
+
+
+def cell_seconds(name, out_dir=OUT):
+    """Wall seconds and threads of a cell's sampling run, as recorded when it was drawn."""
+    with open(os.path.join(out_dir, f"{name}.json")) as f:
+        info = json.load(f)
+    return info["seconds"], info["threads"]
+
+
+class Scorer:
+    """FID / IS / class accuracy by the project's metrics classifier, against held-out real images."""
+
+    def __init__(self, dataset, data_dir, classifier=None, holdout=None):
+        self.clf = metrics.load_classifier(classifier or metrics.default_classifier_path(dataset))
+        self.splits = metrics.load_splits(dataset, data_dir, holdout)
+        (ref_x, _), self.floor_pool = metrics.reference_and_floor(*self.splits["held"])
+        self.ref_feats = metrics.classifier_features(self.clf, ref_x)
+
+    def floor(self, n):
+        """What n other held-out real images score: the best a sampler can do at this count."""
+        return metrics.real_floor(self.clf, *self.floor_pool, self.ref_feats, n)
+
+    def score(self, images, labels):
+        return metrics.mnist_metrics(self.clf, images, labels, self.ref_feats)
+
+    def score_per_w(self, images, labels, ws):
+        """{w: metrics} for each distinct w of a cell."""
+        return {w: self.score(images[ws == w], labels[ws == w]) for w in torch.unique(ws).tolist()}
+
+
+def common(ckpt, n_per_class, steps=None, sampler="dpmpp2m-sde"):
+    """The sample.py arguments every cell of a study shares."""
+    return ["--ckpt", ckpt, "--n-per-class", n_per_class, "--sampler", sampler, "--batch-size", 250,
+            *(["--steps", steps] if steps else [])]
+
+
+def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True):
+    """notebook 02: CFG over the w grid and reverse guidance with the fast sampler; with `check`, w = 0 with the
+    paper's ancestral sampler at T = 256; and for each (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
+    grid = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]
+    cells = {"cfg-a": [*common(ckpt, n_per_class, steps), "--w", *grid[:5]],
+             "cfg-b": [*common(ckpt, n_per_class, steps), "--w", *grid[5:]],
+             "reverse": [*common(ckpt, n_per_class, steps), "--w", -1, -2, -3]}
+    if check:
+        cells["ancestral256"] = [*common(ckpt, n_per_class, 4 if QUICK else 256, "ancestral"), "--w", 0]
+    for p, path in ablation:
+        cells[f"p{p}"] = [*common(path, n_per_class, steps), "--w", 0, 1, 3]
+    return cells
+
+
+def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
+    """notebook 04: classifier guidance over the w sweep, and CFG at the w that notebook 02's grid lacks (its
+    cells cfg-a and cfg-b give CFG at w = 0, 0.5, 1, 2, 3, 4 on the same checkpoint and noise)."""
+    guide = ["--guidance", "classifier", "--classifier-ckpt", classifier_ckpt]
+    return {"cfg-w6": [*common(ckpt, n_per_class, steps), "--w", 6],
+            "classifier-a": [*common(ckpt, n_per_class, steps), *guide, "--w", 0, 0.5, 1, 2],
+            "classifier-b": [*common(ckpt, n_per_class, steps), *guide, "--w", 3, 4, 6]}
+
+
+PLANS = {"02": plan_02, "04": plan_04}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("study", choices=list(PLANS))
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--n-per-class", type=int, default=100)
+    p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02: p_uncond ablation checkpoints")
+    p.add_argument("--classifier-ckpt", help="04: the noise-conditional classifier (classifier.py)")
+    p.add_argument("--no-check", action="store_true", help="02: without the T = 256 ancestral cell")
+    p.add_argument("--cells", nargs="*", help="only these cells (names)")
+    p.add_argument("--out", required=True, help="the notebook's cell folder, e.g. out/studies/02-mnist")
+    p.add_argument("--part", default="0/1", help="i/n: draw every n-th cell from the i-th (parallel processes)")
+    args = p.parse_args()
+    i, n = map(int, args.part.split("/"))
+    ablation = [tuple(item.split("=", 1)) for item in args.ablation]
+    cells = (plan_02(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check) if args.study == "02"
+             else plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class))
+    for name in [c for c in cells if args.cells is None or c in args.cells][i::n]:
+        start = time.perf_counter()
+        run_cell(name, cells[name], args.out)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -227,7 +227,7 @@ def bench_sample(preset, device, args):
     batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
     result["hours_50k_T256_guided"] = batches * 256 * result["w1_one_batch_seconds_best"] / 3600
     result["fast_sampler"], result["fast_steps"] = FAST_SAMPLER, DEFAULTS[FAST_SAMPLER]["steps"]
-    result["hours_50k_fast_guided"] = batches * DEFAULTS[FAST_SAMPLER]["steps"] * result["w1_one_batch_seconds_best"] / 3600
+    result["hours_50k_fast_guided"] = batches * result["fast_steps"] * result["w1_one_batch_seconds_best"] / 3600
     return result
 
 

@@ -50,8 +50,8 @@ PRESETS = {
     # 8×8 scikit-learn digits: trains to recognisable samples in minutes on a CPU.
     "digits": UNetConfig(image_size=8, in_channels=1, channels=32, channel_mult=(1, 2),
                          num_res_blocks=1, attention_resolutions=(4,), dropout=0.0),
-    # 28×28 MNIST-family: the winner of a search for the best samples per CPU minute (README, "A recipe for
-    # CPU minutes"; scripts/recipe_search.py): 16 channels, one block per level, no dropout, 0.69M parameters.
+    # 28×28 MNIST-family: chosen by a search for the best samples per CPU minute (README, "A recipe for CPU
+    # minutes"; scripts/recipe_search.py): 16 channels, one block per level, no dropout, 0.69M parameters.
     "mnist": UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4),
                         num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
     # The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).

@@ -1,4 +1,5 @@
-"""Guided sampling of Classifier-Free Diffusion Guidance: Algorithm 2, exactly, plus DDIM and DPM-Solver++(2M).
+"""Guided sampling of Classifier-Free Diffusion Guidance: Algorithm 2, exactly, plus DDIM and DPM-Solver++(2M)
+in its ODE and SDE forms.
 
 Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598), Algorithm 2, with an
 increasing log-SNR sequence λ_1 = λ_min < … < λ_T = λ_max and guidance strength w (w = 0: the
@@ -226,9 +227,9 @@ def sample(model, labels, w, steps=None, sampler="ancestral", spacing=None, v=0.
             z = ddim_step(z, x, logsnrs[t], logsnrs[t + 1], eps_renoise)
         elif sampler == "dpmpp2m":
             z = dpmpp2m_step(z, x, logsnrs[t], logsnrs[t + 1], x_prev, logsnrs[t - 1] if t else None)
-        else:
-            z = dpmpp2m_sde_step(z, x, logsnrs[t], logsnrs[t + 1], _randn(z.shape, generator, device), x_prev,
-                                 logsnrs[t - 1] if t else None)
+        else:  # dpmpp2m-sde
+            noise = _randn(z.shape, generator, device)
+            z = dpmpp2m_sde_step(z, x, logsnrs[t], logsnrs[t + 1], noise, x_prev, logsnrs[t - 1] if t else None)
         x_prev = x
     if bar is not None:
         bar.close()

@@ -70,9 +70,8 @@ DATASET_DEFAULTS = {
     # gives good samples; preview grids use T = 64 sampling steps (sample.py's default stays T = 256).
     "digits": dict(batch_size=64, lr=1e-3, warmup_steps=100, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
                    max_steps=2000, log_every=50, ckpt_every=500, sample_every=500, sample_steps=64),
-    # mnist (and fashion-mnist): the recipe search's winner (README, "A recipe for CPU minutes"), batch 64 at
-    # lr 2e-3, 4,000 steps: 21 minutes on a 2-core CPU whose bench.py matmul rate is 185 GFLOP/s, so about 9
-    # on one near 450.
+    # mnist (and fashion-mnist): the recipe search's choice (README, "A recipe for CPU minutes"): batch 64 at
+    # lr 2e-3, 4,000 steps (its training time per machine: README, "Results measured here").
     "mnist": dict(batch_size=64, lr=2e-3, warmup_steps=100, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True,
                   max_steps=4000, log_every=100, ckpt_every=500, sample_every=1000, sample_steps=64),
 }

@@ -208,7 +208,8 @@ def report(args):
             ax.plot(minutes, [r["results"]["0.0"][key] for r in mine], "o-", color=f"C{k}", label=name)
     for ax, key in zip(axes, ("fid", "accuracy")):
         ax.axhline(floor[key], ls="--", c="gray", label="real data")
-        ax.set(xlabel=f"training minutes ({timings[name]['threads']} threads, this machine)", ylabel=f"{key} at w = 0",
+        ax.set(xlabel=f"training minutes ({next(iter(timings.values()))['threads']} threads, this machine)",
+               ylabel=f"{key} at w = 0",
                yscale="log" if key == "fid" else "linear")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -19,6 +19,8 @@ each running the project's own commands as subprocesses, each command with a tim
 
     python scripts/gpu_check.py OUT_DIR                     # on the GPU: at most --budget 480 s
     python scripts/gpu_check.py OUT_DIR --stages cifar10 resume   # rerun some stages only
+    python scripts/gpu_check.py OUT_DIR --no-compile              # bf16 autocast alone: torch.compile's first
+                                                                  # compiles took minutes on the lent H100
     OMP_NUM_THREADS=1 python scripts/gpu_check.py OUT_DIR --dry-run   # CPU, tiny sizes (tests/test_gpu_check.py)
 
 It writes two files into OUT_DIR: gpu_check.json (the device, torch version, and per stage its
@@ -109,7 +111,9 @@ class Run:
 
     def __init__(self, args, log):
         self.args, self.log = args, log
-        self.settings = SETTINGS["dry" if args.dry_run else "gpu"]
+        self.settings = dict(SETTINGS["dry" if args.dry_run else "gpu"])
+        if args.no_compile:  # torch.compile's first compile of each shape takes minutes on the lent machine
+            self.settings["speed"] = [flag for flag in self.settings["speed"] if flag != "--compile"]
         self.device = self.settings["device"]
         self.deadline = time.monotonic() + args.budget
         self.figures = {}  # stage name -> its figures, once it passed
@@ -512,6 +516,8 @@ def parse_args(argv):
                    help="run only these of " + ", ".join(name for name, _ in STAGES) + " (default: all, in that order)")
     p.add_argument("--budget", type=float, default=480, help="seconds for everything; a command still running then "
                    "is stopped and its stage fails (default 480: the issue's 8 minutes)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out --compile everywhere (bf16 autocast stays): for a lease too short for compiling")
     p.add_argument("--train-seconds", type=float, default=45,
                    help="about how long the fashion stage trains (its --max-steps comes from bench's images/s)")
     p.add_argument("--fashion-dir", help="Fashion-MNIST's IDX files (default: the first of " +

@@ -101,22 +101,26 @@ def train_candidates(args):
         fields, flags = CANDIDATES[name]
         config = dataclasses.asdict(UNetConfig(**MNIST, **fields))
         out = os.path.join(args.out, args.dataset, name)
-        shutil.rmtree(out, ignore_errors=True)
-        # Seconds per step: runs to 10 and on to 110 steps cost start-up + 10 and start-up + 100 steps.
-        first = train_until(config, flags, args.dataset, args.data_dir, out, 10)
-        step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 110) - first) / 100
-        if step_s <= 0:
-            raise SystemExit(f"recipe_search.py: could not time {name}'s steps (start-up noise); run it again")
-        shutil.rmtree(out)
+        if args.train_steps:  # milestones in steps: continue the run in `out` (exactly, by --resume) if there is one
+            milestones = args.train_steps
+        else:  # milestones in minutes of this process, calibrated afresh
+            shutil.rmtree(out, ignore_errors=True)
+            # Seconds per step: runs to 10 and on to 110 steps cost start-up + 10 and start-up + 100 steps.
+            first = train_until(config, flags, args.dataset, args.data_dir, out, 10)
+            step_s = (train_until(config, flags, args.dataset, args.data_dir, out, 110) - first) / 100
+            if step_s <= 0:
+                raise SystemExit(f"recipe_search.py: could not time {name}'s steps (start-up noise); run it again")
+            shutil.rmtree(out)
+            milestones = [int(minutes * 60 / step_s) for minutes in args.minutes]
         trained_s, done = 0.0, 0
-        for minutes in args.minutes:
-            steps = max(done + 1, int(minutes * 60 / step_s))
+        for steps in milestones:
+            steps = max(done + 1, steps)
             trained_s += train_until(config, flags, args.dataset, args.data_dir, out, steps)
             done = steps
             milestone = os.path.join(out, f"ckpt_{steps:06d}.pt")
             shutil.copyfile(os.path.join(out, "ckpt.pt"), milestone)
             row = dict(candidate=name, dataset=args.dataset, config=config, flags=flags, steps=steps,
-                       train_minutes=trained_s / 60, threads=torch.get_num_threads(), ckpt=os.path.relpath(milestone, REPO),
+                       train_minutes=None if args.train_steps else trained_s / 60, threads=torch.get_num_threads(), ckpt=os.path.relpath(milestone, REPO),
                        params=sum(v.numel() for v in load_checkpoint(milestone)["ema"].values()))
             with open(os.path.join(args.out, "trained.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -224,6 +228,8 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--minutes", type=float, nargs="+", default=[4, 8, 16, 24], help="milestones, training minutes")
+    p.add_argument("--train-steps", type=int, nargs="+", help="milestones in steps instead of --minutes; an existing run of "
+                   "the candidate is continued (train.py --resume), not restarted")
     p.add_argument("--n", type=int, default=1000, help="samples per w at each milestone (balanced classes)")
     p.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--sampler", default=FAST_SAMPLER)

@@ -207,3 +207,12 @@ def test_the_fashion_run_is_sized_from_the_bench_stage(tmp_path):
     assert gpu_check.fashion_steps(run, settings) == 45 * 100
     run.figures["bench"]["presets"]["mnist"]["train_images_per_s"] = 32.0  # 1 step/s
     assert gpu_check.fashion_steps(run, settings) == settings["min_steps"] > 45
+
+
+def test_no_compile_leaves_out_compile_and_keeps_autocast(tmp_path):
+    """--no-compile (a lease too short for torch.compile's first compiles) runs every stage with --amp alone;
+    the shared SETTINGS table is not changed by it."""
+    run = gpu_check.Run(gpu_check.parse_args([str(tmp_path), "--no-compile"]), io.StringIO())
+    assert run.settings["speed"] == ["--amp"]
+    assert gpu_check.SETTINGS["gpu"]["speed"] == ["--amp", "--compile"]
+    assert gpu_check.Run(gpu_check.parse_args([str(tmp_path)]), io.StringIO()).settings["speed"] == ["--amp", "--compile"]

@@ -16,6 +16,7 @@ shared the machine during training does not enter the figures.
     python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
     OMP_NUM_THREADS=1 python scripts/recipe_search.py train --data-dir ../shared/data/mnist-4k \
         --candidates tiny shallow-b64 --minutes 6 12 24 --out out/recipes
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py train ... --candidates tiny-b32 --train-steps 4500 7500  # continue
     OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --data-dir ../shared/data/mnist-4k --w 0 --out out/recipes
     python scripts/recipe_search.py time --data-dir ../shared/data/mnist-4k --out out/recipes    # 2 threads
     python scripts/recipe_search.py report --data-dir ../shared/data/mnist-4k --out out/recipes  # -> docs/recipes.png

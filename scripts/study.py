@@ -1,4 +1,4 @@
-"""The studies behind notebooks 02 and 04: sample.py runs, cached as npz files, scored by metrics.py.
+"""The studies behind notebooks 02, 04 and 05: sample.py runs, cached as npz files, scored by metrics.py.
 
 A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
 rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
@@ -121,13 +121,48 @@ def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
             "classifier-b": [*common(ckpt, n_per_class, steps), *guide, "--w", 3, 4, 6]}
 
 
+# notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w (edges between the fast sampler's λ steps)
+MAP_W = 2
+MAP_LO, MAP_HI = (-20, -8, -4, 0), (-4, 0, 4, 8, 20)
+
+
+def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
+    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and the same noise. The interval rule
+    at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is CFG itself: notebook 02's cell cfg-b); with
+    `interval`, that interval over a sweep of w; autoguidance with each bad model of `guide_ckpts` ({name: path});
+    CFG rescale, APG and dynamic thresholding over a sweep of w; CFG++ over its γ with the DDIM step, beside CFG
+    with the same DDIM step."""
+    base, ddim = common(ckpt, n_per_class, steps), common(ckpt, n_per_class, steps or 24, "ddim")
+    cells = {f"interval{lo:+d}{hi:+d}": [*base, "--guidance", "interval", "--interval", lo, hi, "--w", MAP_W]
+             for lo in MAP_LO for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
+    if interval is not None:
+        cells["interval-sweep"] = [*base, "--guidance", "interval", "--interval", *interval, "--w", 0.5, 1, 3, 4]
+    for i, (name, path) in enumerate(guide_ckpts.items()):
+        cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
+                                 "--w", *([0.5, 1, 2, 3] if i == 0 else [0.5, 1])]
+    cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
+    cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
+    cells["dthresh"] = [*base, "--dynamic-threshold", 0.995, "--w", 1, 2, 4]
+    cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
+    cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--cfgpp-gamma", 0.2, 0.4, 0.6, 0.8]
+    return cells
+
+
+def number(text):
+    """A command-line number as the notebooks write it (-4, not -4.0): the cells' commands are their cache keys."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("study", choices=["02", "04"])
+    p.add_argument("study", choices=["02", "04", "05"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02: p_uncond ablation checkpoints")
     p.add_argument("--classifier-ckpt", help="04: the noise-conditional classifier (classifier.py)")
+    p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT", help="05: autoguidance's bad models")
+    p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"), help="05: the interval for its w sweep")
     p.add_argument("--no-check", action="store_true", help="02: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
     p.add_argument("--out", required=True, help="the notebook's cell folder, e.g. out/studies/02-mnist")
@@ -135,8 +170,13 @@ def main():
     args = p.parse_args()
     i, n = map(int, args.part.split("/"))
     ablation = [tuple(item.split("=", 1)) for item in args.ablation]
-    cells = (plan_02(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check) if args.study == "02"
-             else plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class))
+    if args.study == "02":
+        cells = plan_02(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
+    elif args.study == "04":
+        cells = plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class)
+    else:
+        cells = plan_05(args.ckpt, dict(item.split("=", 1) for item in args.guide_ckpt), args.n_per_class,
+                        interval=args.interval)
     for name in [c for c in cells if args.cells is None or c in args.cells][i::n]:
         start = time.perf_counter()
         run_cell(name, cells[name], args.out)

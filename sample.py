@@ -325,7 +325,7 @@ def main(argv=None):
     p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="with --guidance interval: guide only for LO <= λ <= HI (default guidance.INTERVAL: "
                    "Kynkäänniemi et al.'s EDM2-XXL interval σ in [0.28, 1.61] on SD-VAE latents as λ = -2 log σ; "
-                   "to be measured for this data)")
+                   "measured for mnist-4k in notebook 05: -4 0)")
     p.add_argument("--guide-ckpt", help="with --guidance autoguidance: the bad model ε_bad(z, c), a checkpoint of "
                    "train.py for the same data (an early checkpoint of the same run, or a smaller preset trained "
                    "briefly)")

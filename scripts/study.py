@@ -130,7 +130,8 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
     """notebook 05: the rules after the paper (guidance.py) on one checkpoint and the same noise. The interval rule
     at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is CFG itself: notebook 02's cell cfg-b); with
     `interval`, that interval over a sweep of w; autoguidance with each bad model of `guide_ckpts` ({name: path});
-    CFG rescale, APG and dynamic thresholding over a sweep of w; CFG++ over its γ with the DDIM step, beside CFG
+    CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no momentum) and dynamic
+    thresholding over a sweep of w; CFG++ over its γ with the DDIM step, beside CFG
     with the same DDIM step."""
     base, ddim = common(ckpt, n_per_class, steps), common(ckpt, n_per_class, steps or 24, "ddim")
     cells = {f"interval{lo:+d}{hi:+d}": [*base, "--guidance", "interval", "--interval", lo, hi, "--w", MAP_W]
@@ -142,6 +143,7 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
                                  "--w", *([0.5, 1, 2, 3] if i == 0 else [0.5, 1])]
     cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
     cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
+    cells["apg-projection"] = [*base, "--guidance", "apg", "--apg-r", "inf", "--apg-beta", 0, "--w", 1, 2, 4]
     cells["dthresh"] = [*base, "--dynamic-threshold", 0.995, "--w", 1, 2, 4]
     cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
     cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--cfgpp-gamma", 0.2, 0.4, 0.6, 0.8]

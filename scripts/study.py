@@ -123,7 +123,7 @@ def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
 
 # notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w (edges between the fast sampler's λ steps)
 MAP_W = 2
-MAP_LO, MAP_HI = (-20, -8, -4, 0), (-4, 0, 4, 8, 20)
+MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4, 8, 20))  # quick (CI): 3 cells
 
 
 def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):

@@ -54,6 +54,8 @@ CANDIDATES = {  # name -> (UNetConfig fields, train.py flags)
              ["--batch-size", "32", "--lr", "1e-3"]),
     "tiny": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
              ["--batch-size", "64", "--lr", "2e-3"]),
+    "micro": (dict(channels=8, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
+              ["--batch-size", "64", "--lr", "2e-3"]),  # notebook 05's smaller bad model for autoguidance
     "tiny-b32": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
                  ["--batch-size", "32", "--lr", "1e-3"]),
 }

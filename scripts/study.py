@@ -138,9 +138,9 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
              for lo in MAP_LO for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
     if interval is not None:
         cells["interval-sweep"] = [*base, "--guidance", "interval", "--interval", *interval, "--w", 0.5, 1, 3, 4]
-    for i, (name, path) in enumerate(guide_ckpts.items()):
+    for name, path in guide_ckpts.items():  # the bad model at step 602 is the worst: two w are enough
         cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
-                                 "--w", *([0.5, 1, 2, 3] if i == 0 else [0.5, 1])]
+                                 "--w", *([0.5, 1] if name == "602" else [0.5, 1, 2, 3])]
     cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
     cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
     cells["apg-projection"] = [*base, "--guidance", "apg", "--apg-r", "inf", "--apg-beta", 0, "--w", 1, 2, 4]

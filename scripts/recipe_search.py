@@ -123,7 +123,8 @@ def train_candidates(args):
             milestone = os.path.join(out, f"ckpt_{steps:06d}.pt")
             shutil.copyfile(os.path.join(out, "ckpt.pt"), milestone)
             row = dict(candidate=name, dataset=args.dataset, config=config, flags=flags, steps=steps,
-                       train_minutes=None if args.train_steps else trained_s / 60, threads=torch.get_num_threads(), ckpt=os.path.relpath(milestone, REPO),
+                       train_minutes=None if args.train_steps else trained_s / 60,  # with --train-steps: unknown
+                       threads=torch.get_num_threads(), ckpt=os.path.relpath(milestone, REPO),
                        params=sum(v.numel() for v in load_checkpoint(milestone)["ema"].values()))
             with open(os.path.join(args.out, "trained.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")

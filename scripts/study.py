@@ -127,18 +127,21 @@ MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4
 
 
 def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
-    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and the same noise. The interval rule
-    at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is CFG itself: notebook 02's cell cfg-b); with
-    `interval`, that interval over a sweep of w; autoguidance with each bad model of `guide_ckpts` ({name: path});
-    CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no momentum) and dynamic
-    thresholding over a sweep of w; CFG++ over its γ with the DDIM step, beside CFG
-    with the same DDIM step."""
+    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and the same noise.
+
+    - the interval rule at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is CFG itself: notebook 02's
+      cell cfg-b); with `interval`, that interval over a sweep of w;
+    - autoguidance with each bad model of `guide_ckpts` ({name: path}), w = 0.5 … 3 (the worst one, name "602",
+      the step-602 checkpoint: w = 0.5 and 1);
+    - CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no momentum) and dynamic
+      thresholding over a sweep of w;
+    - CFG++ over its γ with the DDIM step, beside CFG with the same DDIM step."""
     base, ddim = common(ckpt, n_per_class, steps), common(ckpt, n_per_class, steps or 24, "ddim")
     cells = {f"interval{lo:+d}{hi:+d}": [*base, "--guidance", "interval", "--interval", lo, hi, "--w", MAP_W]
              for lo in MAP_LO for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
     if interval is not None:
         cells["interval-sweep"] = [*base, "--guidance", "interval", "--interval", *interval, "--w", 0.5, 1, 3, 4]
-    for name, path in guide_ckpts.items():  # the bad model at step 602 is the worst: two w are enough
+    for name, path in guide_ckpts.items():
         cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
                                  "--w", *([0.5, 1] if name == "602" else [0.5, 1, 2, 3])]
     cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]

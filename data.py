@@ -1,4 +1,5 @@
-"""The datasets of the paper's kind of experiment, as uint8 tensors: digits, MNIST, Fashion-MNIST, CIFAR-10.
+"""The datasets of the paper's kind of experiment, as uint8 tensors: digits, MNIST, Fashion-MNIST, CIFAR-10,
+and a user's own labelled images.
 
 Classifier-Free Diffusion Guidance (Ho & Salimans, arXiv 2207.12598) trains on images x scaled
 to [−1, 1] (the DDPM convention), with class labels c that Algorithm 1 sometimes replaces by ∅:
@@ -6,15 +7,35 @@ to [−1, 1] (the DDPM convention), with class labels c that Algorithm 1 sometim
     images, labels = load_dataset("mnist", "./data")   # uint8 (N, C, H, W), int64 (N,)
     x = to_model_range(images)                         # x = u / 127.5 − 1 ∈ [−1, 1]
     u = to_uint8(x)                                    # the inverse (clamped, rounded)
+    names = class_names("mnist", "./data")             # label i is names[i]
 
-Datasets (`DATASETS`):
+Datasets (`DATASETS`, then `IMAGE_FOLDER`):
 - digits: scikit-learn's bundled 8×8 digits (1,797 images, offline); pixel values 0..16 become
   round(v · 255 / 16). scikit-learn ships no test split, so train=False raises DataError.
 - mnist, fashion-mnist: the official IDX files (train-images-idx3-ubyte.gz, ...), 1×28×28.
-- cifar10: the official cifar-10-python.tar.gz, 3×32×32 (random flips belong to train.py).
+- cifar10: the official cifar-10-python.tar.gz, 3×32×32 (random flips belong to train.py); where
+  that file is absent, the image-folder layout below in data_dir/cifar10/ or data_dir, whose class
+  folders must be CIFAR-10's ten names (airplane ... truck: sorted, they are its label order).
+- imagefolder: a user's own labelled images in the image-folder layout of data_dir, at
+  image_size × image_size (load_dataset's argument).
 
-Where files are looked for: data_dir/<name>/ first, then data_dir itself (so a folder holding
-one dataset's files, like ../shared/data/mnist-4k or Debian's /usr/share/datasets/fashion-mnist,
+The image-folder layout: data_dir/train/<class>/* and data_dir/test/<class>/*, PNG or JPEG files
+(.png, .jpg, .jpeg), RGB or grayscale. Class index = position of the folder name in sorted order;
+within a class, files are taken in sorted order. Channels: 1 if every image of the split is
+grayscale (Pillow modes 1, L, LA), else 3 (grayscale images then get three equal channels; alpha
+is dropped); 16-bit images are refused. An image that is not image_size × image_size has its
+central square cut out and resized (Pillow's bicubic filter), and a one-line note says how many.
+Errors are one-line DataErrors: an unreadable image (named), a class folder with no images, fewer
+than two classes, a test split whose class folders differ from train's. Decoding takes a while
+(every file is opened), so the decoded uint8 array is cached outside the data folder (which may be
+read-only): in $CFG_CACHE_DIR, else $XDG_CACHE_HOME/cfg-diffusion, else ~/.cache/cfg-diffusion,
+one file per folder, split, size and channel rule, written to a temporary name and renamed. It is
+used only while its key matches: a hash of the sorted relative paths with their sizes and
+modification and change times, the classes, the image size and the channel rule, so a changed,
+added or removed file has the folder decoded afresh.
+
+Where the official files are looked for: data_dir/<name>/ first, then data_dir itself (so a folder holding
+one dataset's files, like a 4,000-digit mnist-4k made by scripts/make_mnist_subset.py or Debian's /usr/share/datasets/fashion-mnist,
 can be passed directly). Files found there are used as they are, never written to, and checked
 by format rather than checksum (subsets and repackaged copies are fine): gzip integrity, IDX
 header against byte count, labels in 0..9, equal image and label counts. A file that fails is
@@ -42,14 +63,24 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")  # the named datasets, each with known classes
+IMAGE_FOLDER = "imagefolder"  # a user's own images: data_dir/train/<class>/*.png|jpg (see the docstring)
+# Label i of each named dataset is the class CLASS_NAMES[name][i] (for image folders: the sorted folder names)
+CLASS_NAMES = {
+    "digits": tuple("0123456789"),
+    "mnist": tuple("0123456789"),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),  # the names of github.com/zalandoresearch/fashion-mnist
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 # Images per class held out of training for the metrics (split_holdout), where the data may have no
-# test split: ../shared/data/mnist-4k is 4,000 training digits. train.py (--holdout) and metrics.py
+# test split: mnist-4k (scripts/make_mnist_subset.py) is 4,000 training digits. train.py (--holdout) and metrics.py
 # both default to it, so the diffusion model, the metrics classifier and the FID reference agree.
 HOLDOUT = {"mnist": 200}
 
@@ -75,6 +106,11 @@ SOURCES = {
 MIRROR_ENV = "CFG_DATA_MIRROR"
 DOWNLOAD_ATTEMPTS = 3
 RETRY_DELAY_S = 1.0  # wait before the 2nd attempt; doubles after each failure
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # the files of an image folder (compared in lower case)
+GRAY_MODES = ("1", "L", "LA")  # Pillow modes of grayscale images
+CACHE_ENV = "CFG_CACHE_DIR"  # where decoded image folders are cached (default: see cache_folder)
+CACHE_FORMAT = 1  # part of every cache key: a change to the decoding must change it
 
 
 class DataError(ValueError):
@@ -274,6 +310,173 @@ def _load_files(name, data_dir, train):
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+# ------------------------------------------------------------------ image folders (PNG, JPEG)
+
+def folder_classes(split_dir):
+    """The class names of one split of an image folder: its subfolders in sorted order (hidden ones skipped)."""
+    try:
+        classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot read {split_dir} ({e.strerror}): image folders are laid out as "
+                        f"<data_dir>/train/<class>/*.png|jpg (and test/<class>/ for a test split)") from None
+    if not classes:
+        raise DataError(f"{split_dir} holds no class folders: put each class's images in {split_dir}/<class>/")
+    if len(classes) == 1:
+        raise DataError(f"{split_dir} holds one class folder ({classes[0]}): a class-conditional model needs "
+                        "labelled images of at least two classes, one folder per class")
+    return classes
+
+
+def _image_files(split_dir, classes):
+    """(relative paths, labels) of the PNG and JPEG files in split_dir/<class>/, by class, then by file name."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(split_dir, name)
+        try:
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        except OSError as e:
+            raise DataError(f"cannot read class folder {folder} ({e.strerror}): make it readable or remove it") from None
+        if not files:
+            raise DataError(f"class folder {folder} holds no .png or .jpg images: add some or remove the folder")
+        paths += [os.path.join(name, f) for f in files]
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def _decode_image(path, image_size, channels):
+    """One image file -> (uint8 (S, S) if grayscale or channels == 1, else (S, S, 3); whether it was not S×S).
+
+    An image that is not S×S has its central square cut out (the shorter side) and resized to S×S with
+    Pillow's bicubic filter, which averages over the source pixels when it shrinks."""
+    from PIL import Image  # imported here: only image folders need Pillow
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith(("I", "F")):  # 16-bit or 32-bit pixels: converting them would clip
+                raise ValueError(f"{image.mode} pixels, more than 8 bits per channel; save it with 8 bits")
+            gray = channels == 1 or (channels is None and image.mode in GRAY_MODES)
+            image = image.convert("L" if gray else "RGB")  # drops alpha; a palette becomes RGB
+            w, h = image.size
+            if (w, h) != (image_size, image_size):
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+                image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(image), (w, h) != (image_size, image_size)
+    # Pillow reports a broken file through several exception types, depending on the format and the damage
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path} cannot be read as an image ({reason}): replace or remove it") from None
+
+
+def read_image_folder(split_dir, classes, image_size, channels=None):
+    """Decode split_dir/<class>/*.png|jpg -> uint8 (N, C, S, S), int64 (N,), the number of images resized.
+
+    channels None: 1 if every image is grayscale, else 3; 1 or 3 converts every image to that."""
+    paths, labels = _image_files(split_dir, classes)
+    arrays, resized = [], 0
+    for path in paths:
+        array, was_resized = _decode_image(os.path.join(split_dir, path), image_size, channels)
+        arrays.append(array)
+        resized += was_resized
+    channels = channels or (1 if all(a.ndim == 2 for a in arrays) else 3)
+    images = np.empty((len(arrays), channels, image_size, image_size), dtype=np.uint8)
+    for i, array in enumerate(arrays):  # (S, S) broadcasts to every channel; (S, S, 3) -> (3, S, S)
+        images[i] = array if array.ndim == 2 else array.transpose(2, 0, 1)
+    return images, np.asarray(labels, dtype=np.int64), resized
+
+
+def cache_folder():
+    """Where decoded image folders are cached: $CFG_CACHE_DIR, else $XDG_CACHE_HOME/cfg-diffusion, else
+    ~/.cache/cfg-diffusion."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cfg-diffusion")
+
+
+def _folder_key(split_dir, paths, classes, image_size, channels):
+    """A hash of what the decoded array depends on: the files (relative path, size, modification and change
+    times), the classes, the size and the channel rule."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{image_size}\0{channels}\0{'/'.join(classes)}\n".encode())
+    for path in paths:
+        try:
+            st = os.stat(os.path.join(split_dir, path))
+        except OSError as e:  # e.g. a link to nowhere
+            raise DataError(f"{os.path.join(split_dir, path)} cannot be read ({e.strerror}): replace or remove it") from None
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _save_npz(path, **arrays):
+    """np.savez to a temporary file beside path, then renamed: path is always whole or absent."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_image_folder(split_dir, classes, image_size, channels):
+    """read_image_folder through the cache: decoded once, then read back while the files stay the same."""
+    paths, _ = _image_files(split_dir, classes)
+    key = _folder_key(split_dir, paths, classes, image_size, channels)
+    real = os.path.realpath(split_dir)
+    name = (f"{os.path.basename(os.path.dirname(real))}-{os.path.basename(real)}-{image_size}px-"
+            f"{f'{channels}ch' if channels else 'auto'}-{hashlib.sha256(real.encode()).hexdigest()[:12]}.npz")
+    path = os.path.join(cache_folder(), name)
+    cached = None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) == key:
+                cached = stored["images"], stored["labels"], int(stored["resized"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # no cache yet, or one that cannot be read: decode
+    if cached is not None:
+        images, labels, resized = cached
+    else:
+        images, labels, resized = read_image_folder(split_dir, classes, image_size, channels)
+        try:
+            os.makedirs(cache_folder(), exist_ok=True)
+            _save_npz(path, images=images, labels=labels, resized=resized, key=np.array(key))
+            print(f"data: decoded {len(labels)} images of {split_dir}; cached them in {path}", file=sys.stderr)
+        except OSError as e:
+            print(f"data: decoded {len(labels)} images of {split_dir}; cannot cache them in {cache_folder()} "
+                  f"({e.strerror}): set {CACHE_ENV} to a writable folder to skip decoding next time", file=sys.stderr)
+    if resized:
+        print(f"data: {resized} of {len(labels)} images in {split_dir} are not {image_size}×{image_size}: "
+              "centre-cropped to square and resized", file=sys.stderr)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _image_folder_split(root, train):
+    """(split_dir, its classes) of the image folder `root`."""
+    split_dir = os.path.join(root, "train" if train else "test")
+    if not os.path.isdir(split_dir):
+        raise DataError(f"no folder {split_dir}: image folders are laid out as {root}/train/<class>/*.png|jpg "
+                        "(and test/<class>/ for a test split)")
+    return split_dir, folder_classes(split_dir)
+
+
+def _class_difference(found, expected):
+    """'extra: a, b; missing: c': how two lists of class names differ."""
+    extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    return "; ".join(f"{what}: {', '.join(names)}" for what, names in (("extra", extra), ("missing", missing)) if names)
+
+
+def _cifar10_image_folder(data_dir):
+    """The folder holding CIFAR-10 as train/ and test/ image folders, or None where the official archive is
+    present (it wins) or no such folder is: data_dir/cifar10/ first, then data_dir."""
+    folders = (os.path.join(data_dir, "cifar10"), data_dir)
+    archive = SOURCES["cifar10"][1][True][0][0]
+    if any(os.path.isfile(os.path.join(folder, archive)) for folder in folders):
+        return None
+    return next((folder for folder in folders
+                 if any(os.path.isdir(os.path.join(folder, split)) for split in ("train", "test"))), None)
+
+
 # ------------------------------------------------------------------ public entry points
 
 def split_holdout(images, labels, per_class):
@@ -292,10 +495,37 @@ def split_holdout(images, labels, per_class):
     return images[~held], labels[~held], images[held], labels[held]
 
 
-def load_dataset(name, data_dir="./data", train=True):
-    """(images, labels): uint8 (N, C, H, W) and int64 (N,) of the training (or test) split of `name`."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+def class_names(name, data_dir="./data"):
+    """The class names of `name`, label i being names[i]: CLASS_NAMES, or an image folder's train/ folders."""
+    if name == IMAGE_FOLDER:
+        return tuple(_image_folder_split(data_dir, train=True)[1])
+    if name not in CLASS_NAMES:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS + (IMAGE_FOLDER,))}")
+    return CLASS_NAMES[name]
+
+
+def load_dataset(name, data_dir="./data", train=True, image_size=32, channels=None):
+    """(images, labels): uint8 (N, C, H, W) and int64 (N,) of the training (or test) split of `name`.
+
+    image_size (H = W) and channels (None: 1 if every image is grayscale, else 3) apply to imagefolder;
+    CIFAR-10 image folders are brought to 3×image_size×image_size; the official files keep their own size."""
+    if name not in DATASETS + (IMAGE_FOLDER,):
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS + (IMAGE_FOLDER,))}")
+    if name == IMAGE_FOLDER:
+        split_dir, classes = _image_folder_split(data_dir, train)
+        if not train:  # class indices come from train/'s folders: test/ must have the same ones
+            train_dir, train_classes = _image_folder_split(data_dir, True)
+            if classes != train_classes:
+                raise DataError(f"the class folders of {split_dir} differ from those of {train_dir} "
+                                f"({_class_difference(classes, train_classes)}): both splits need the same classes")
+        return _load_image_folder(split_dir, classes, image_size, channels)
+    if name == "cifar10" and (root := _cifar10_image_folder(data_dir)) is not None:
+        split_dir, classes = _image_folder_split(root, train)
+        if tuple(classes) != CLASS_NAMES["cifar10"]:
+            raise DataError(f"the class folders of {split_dir} are not CIFAR-10's ten "
+                            f"({_class_difference(classes, CLASS_NAMES['cifar10'])}): name them "
+                            f"{', '.join(CLASS_NAMES['cifar10'])}, or use imagefolder for other classes")
+        return _load_image_folder(split_dir, classes, image_size, channels=3)
     if name == "digits":
         if not train:
             raise DataError("scikit-learn's digits has no test split: hold out part of the 1,797 training images")
@@ -310,13 +540,15 @@ def load_dataset(name, data_dir="./data", train=True):
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("dataset", choices=DATASETS + (IMAGE_FOLDER,))
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--test", action="store_true", help="load the test split instead of the training split")
+    p.add_argument("--image-size", type=int, default=32, help="H = W of image-folder images")
     args = p.parse_args()
     try:
-        images, labels = load_dataset(args.dataset, args.data_dir, train=not args.test)
+        images, labels = load_dataset(args.dataset, args.data_dir, train=not args.test, image_size=args.image_size)
+        names = class_names(args.dataset, args.data_dir)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"{args.dataset}: images {tuple(images.shape)} {images.dtype}, values {images.min()}..{images.max()}, "
-          f"labels per class {torch.bincount(labels, minlength=10).tolist()}")
+          f"images per class {dict(zip(names, torch.bincount(labels, minlength=len(names)).tolist()))}")

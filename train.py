@@ -17,8 +17,8 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). One netw
 forward(z, logsnr, labels). `train_step` is one step of the whole recipe (the loss, backward, gradient
 clipping, Adam with learning-rate warm-up, the EMA of the weights that sample.py uses); bench.py and
 notebook 00 call it with `parse_args(["--dataset", name])`, so they train exactly as this script does.
-`main` is the rest of a run, top to bottom: settings, resume check, data, model, loop, with checkpoints
-that resume exactly, preview grids drawn by sample.py, and DistributedDataParallel under torchrun.
+`main` is the rest of a run, top to bottom: settings, out-dir lock, resume check, data, model, loop, with
+checkpoints that resume exactly, preview grids drawn by sample.py, and DistributedDataParallel under torchrun.
 
 Randomness: every random number of step s on rank r (flips, ∅, λ, ε and the network's dropout)
 comes from the global RNG seeded with (seed, s, r), and epoch e's data order from (seed, e). A
@@ -30,17 +30,28 @@ killed it (even kill -9): on a CPU it ends with the same weights as a run that n
     python train.py --dataset cifar10 --amp --compile   # the DDPM CIFAR-10 recipe, one GPU
     torchrun --nproc_per_node=8 train.py --dataset cifar10 --amp --compile
     python train.py --dataset digits --resume           # continue out/digits/ckpt.pt (same flags + --resume)
+    python train.py --dataset imagefolder --data-dir DIR --image-size 32   # your own DIR/train/<class>/*.png|jpg
+    python train.py --dataset mnist --data-dir DIR --guidance-free  # GFT's loss (gft_loss) in place of line 7
 
-Outputs in --out-dir (default out/<dataset>): ckpt.pt, samples_<step>.png (rows w = 0, 1, 3;
-columns the classes; the same noise at every step), loss.png.
+--dataset cifar10 reads the official archive or the same images as DIR/train/<class>/*.jpg (data.py).
+--dataset imagefolder trains on a user's labelled images (data.py describes the layout), with the network
+and recipe of --preset (default mnist, the CPU recipe) at --image-size (default the preset's), fitted to
+the images' channels and classes (fit_config).
+
+Outputs in --out-dir (default out/<dataset>): ckpt.pt (with the class names, `class_names`),
+samples_<step>.png (rows w = 0, 1, 3; columns the classes; the same noise at every step), loss.png, and
+train.lock, which a run holds for its whole life (an flock the OS releases however the process ends):
+a second run on the same --out-dir stops at once with one line naming the first one's process.
 """
 import argparse
 import copy
 import dataclasses
+import fcntl
 import glob
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,11 +64,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data import DATASETS, HOLDOUT, DataError, load_dataset, split_holdout, to_model_range
+from data import DATASETS, HOLDOUT, IMAGE_FOLDER, DataError, class_names, load_dataset, split_holdout, to_model_range
 from model import PRESETS, CheckpointError, UNet, config_from_dict, load_checkpoint, save_checkpoint
-from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_cosine, logsnr_uniform, q_sample
+from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule, per_example, q_sample
 
 SAMPLE_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py")
+LOCK_FILE = "train.lock"  # in --out-dir: held by the run that writes there (lock_out_dir)
 
 # Per-dataset defaults; any flag given on the command line wins.
 DATASET_DEFAULTS = {
@@ -76,6 +88,8 @@ DATASET_DEFAULTS = {
                   max_steps=4000, log_every=100, ckpt_every=500, sample_every=1000, sample_steps=64),
 }
 DATASET_DEFAULTS["fashion-mnist"] = DATASET_DEFAULTS["mnist"]
+# A user's image folder: the network and recipe of --preset, mnist's unless given (minutes on a CPU).
+DATASET_DEFAULTS[IMAGE_FOLDER] = dict(preset="mnist")
 PREVIEW_W = ("0", "1", "3")  # rows of the preview grids: the paper's w (0 = no guidance)
 
 
@@ -94,12 +108,7 @@ def sample_logsnr(batch_size, schedule="cosine", generator=None, device=None):
     (the paper's choice); "uniform": λ uniform on [λ_min, λ_max].
     """
     u = torch.rand(batch_size, generator=generator, device=device)
-    if schedule == "cosine":
-        logsnr = logsnr_cosine(u)
-    elif schedule == "uniform":
-        logsnr = logsnr_uniform(u)
-    else:
-        raise ValueError(f"unknown log-SNR schedule {schedule!r}: use 'cosine' or 'uniform'")
+    logsnr = logsnr_schedule(u, schedule)
     # tan(a u + b) in float32 can land a hair past λ_min as u → 1 (a u + b is then within 5e-5 of π/2).
     return logsnr.clamp(LOGSNR_MIN, LOGSNR_MAX)
 
@@ -118,6 +127,63 @@ def diffusion_loss(model, x, labels, null_label, p_uncond=0.1, schedule="cosine"
     # line 7: ‖ε_θ − ε‖², averaged over pixels as well as the batch (DDPM's "simple" loss)
     return F.mse_loss(eps_pred.float(), eps)
 
+# ------------------------------------------------------------------ guidance-free training (a deviation, off by default)
+
+BETA_RANGE = (0.0, 1.0)  # β ~ U(0, 1): the authors' range (every w ≥ 0)
+
+
+def sample_beta(batch_size, beta_min=BETA_RANGE[0], generator=None, device=None):
+    """(B,) float32 β ~ U(β_min, 1): β = β_min + (1 − β_min) u, u ~ U(0, 1), one per example."""
+    if not BETA_RANGE[0] <= beta_min <= BETA_RANGE[1]:
+        raise ValueError(f"beta_min = {beta_min} is outside [0, 1] (GFT: 0, every w >= 0)")
+    u = torch.rand(batch_size, generator=generator, device=device)
+    return beta_min + (1 - beta_min) * u
+
+
+def gft_loss(model, x, labels, null_label, p_uncond=0.1, schedule="cosine", generator=None, *,
+             beta_min=BETA_RANGE[0]):
+    """Guidance-free training, GFT (Chen et al. 2025, "Visual Generation Without Guidance", arXiv 2501.15420), in
+    place of line 7 (train.py --guidance-free). Read CFG backwards with β = 1/(1 + w) ∈ (0, 1]:
+    ε_θ(z, c) = β ε̃ + (1 − β) ε_θ(z, ∅). GFT learns ε̃ itself, a network ε_s(z, c, β) with β as an input
+    (model.UNetConfig(strength_input=True)), through Algorithm 1's loss with the conditional model written as that mix:
+
+        Algorithm 1 (diffusion_loss)              GFT (gft_loss)
+        c ← ∅ with probability p_uncond            the same
+        λ ~ p(λ), ε ~ N(0, I)                      the same, and β ~ U(β_min, 1) per example (sample_beta)
+        z_λ = α_λ x + σ_λ ε                        the same
+        ‖ε_θ(z_λ, c) − ε‖²                         ‖β ε_s(z_λ, c, β) + (1 − β) sg[ε_s(z_λ, ∅, 1)] − ε‖²
+
+    sg is the stop-gradient. Given z_λ the loss is least where the mix is E[ε | z_λ, c] = ε*(z_λ, c), and the ∅
+    examples make ε_s(z, ∅, 1) = ε*(z, ∅); so ε_s(z, c, β) = (1 + w) ε*(z, c) − w ε*(z, ∅) at w = 1/β − 1: CFG's ε̃
+    at every w ≥ 0 in one evaluation (guidance.guidance_free_eps). The cost moves to training: one more forward
+    pass per step, without a backward. Details as in the authors' code (github.com/thu-ml/GFT): sg[ε_s(z_λ, ∅, 1)]
+    uses the current weights, label ∅ and β = 1, under no_grad and in eval mode (no dropout); an example whose label
+    was dropped to ∅ is fed β = 1 but mixed with its drawn β, so its loss is Algorithm 1's with the gradient scaled
+    by β.
+
+    The arguments are diffusion_loss's; draws in its order (∅, λ, ε), then B uniforms for β, so the same generator
+    gives the same c, z_λ and ε, and beta_min=1 (β ≡ 1) gives diffusion_loss's value.
+    """
+    labels = drop_labels(labels, p_uncond, null_label, generator)  # line 3
+    drop_label = labels == null_label  # True: c = ∅ (fed β = 1)
+    logsnr = sample_logsnr(x.shape[0], schedule, generator, x.device)  # line 4, (B,)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # line 5
+    z = q_sample(x, logsnr, eps)  # line 6: z_λ = α_λ x + σ_λ ε
+    beta = sample_beta(x.shape[0], beta_min, generator, x.device)  # β ~ U(β_min, 1), (B,)
+
+    # sg[ε_s(z_λ, ∅, 1)]: the unconditional model, current weights, no dropout, no gradient.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            eps_uncond = model(z, logsnr, torch.full_like(labels, null_label), strength=torch.ones_like(beta))
+    finally:
+        model.train(was_training)
+    eps_sample = model(z, logsnr, labels, strength=torch.where(drop_label, 1.0, beta))  # ε_s(z_λ, c, β); ∅: β = 1
+    beta = per_example(beta, x)  # (B,) -> (B, 1, 1, 1)
+    eps_cond = beta * eps_sample + (1 - beta) * eps_uncond  # GFT's ε_θ(z_λ, c); eps_uncond carries no gradient
+    return F.mse_loss(eps_cond.float(), eps)  # line 7, averaged over pixels and batch as diffusion_loss
+
 
 # ------------------------------------------------------------------ one step of the training recipe
 
@@ -132,13 +198,14 @@ def train_step(model, ema, optimizer, x, labels, null_label, step, args):
     """One step (0-based `step`) of Algorithm 1 with DDPM's optimisation recipe; returns the detached loss.
 
     model: the network to call (possibly DDP-wrapped or compiled; its parameters are the trained ones).
-    args: train.py's settings; reads p_uncond, logsnr_schedule, lr, warmup_steps, grad_clip, ema_decay,
-    ema_warmup and amp (bfloat16 autocast, CUDA only).
+    args: train.py's settings; reads p_uncond, logsnr_schedule, guidance_free (the loss), lr, warmup_steps,
+    grad_clip, ema_decay, ema_warmup and amp (bfloat16 autocast, CUDA only).
     """
     for group in optimizer.param_groups:  # linear learning-rate warm-up (DDPM)
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    loss_fn = gft_loss if args.guidance_free else diffusion_loss  # guidance-free training: gft_loss
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
-        loss = diffusion_loss(model, x, labels, null_label, args.p_uncond, args.logsnr_schedule)  # Alg. 1, 3-7
+        loss = loss_fn(model, x, labels, null_label, args.p_uncond, args.logsnr_schedule)  # Alg. 1, 3-7
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -171,10 +238,11 @@ def any_rank(flag, device):
 
 # ------------------------------------------------------------------ settings
 
-def fail(message):
-    """Bad input: one line on stderr (from rank 0 only), exit code 2, no traceback."""
+def fail(message, prog="train.py"):
+    """Bad input: one line on stderr (from rank 0 only), exit code 2, no traceback. classifier.py and bench.py
+    report their errors through it too (sample.py has its own, so that it lifts out alone)."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"train.py: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -204,14 +272,22 @@ def parse_args(argv=None):
                                     f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
                                     for name, d in DATASET_DEFAULTS.items()))
     positive, count = number(int, 1), number(int, 0)
-    p.add_argument("--dataset", default="digits", choices=DATASETS)
-    p.add_argument("--data-dir", default="./data", help="where data.py finds or downloads the files")
+    p.add_argument("--dataset", default="digits", choices=DATASETS + (IMAGE_FOLDER,))
+    p.add_argument("--data-dir", default="./data", help="where data.py finds or downloads the files (imagefolder: "
+                   "the folder holding train/<class>/)")
+    p.add_argument("--preset", choices=list(PRESETS), help="imagefolder only: the model.PRESETS network and the "
+                   "per-dataset recipe to train (default mnist)")
+    p.add_argument("--image-size", type=number(int, 8), help="imagefolder only: H = W the images are brought to "
+                   "(default the preset's)")
     p.add_argument("--holdout", type=count, help="images per class left out of training, for the metrics' "
                    "real reference (data.split_holdout; per dataset: mnist 200, others 0)")
     p.add_argument("--out-dir", default=None, help="checkpoint, sample grids and loss curve (default out/<dataset>)")
     p.add_argument("--p-uncond", type=number(float, 0, 1, high_inclusive=True), default=0.1,
                    help="probability of ∅ (paper: 0.1; 0.2 was as good)")
     p.add_argument("--logsnr-schedule", choices=["cosine", "uniform"], default="cosine", help="p(λ) (paper: cosine)")
+    p.add_argument("--guidance-free", action="store_true", help="guidance-free training (gft_loss, Chen et "
+                   "al. 2025) in place of Algorithm 1's loss: the network takes a strength β and samples CFG's w = 1/β − 1 "
+                   "in one evaluation (sample.py --guidance guidance-free); a deviation from the paper, off by default")
     p.add_argument("--max-steps", type=positive, help="training steps (per dataset)")
     p.add_argument("--batch-size", type=positive, help="global batch, split across ranks (per dataset)")
     p.add_argument("--lr", type=number(float, 0, low_inclusive=False), help="Adam learning rate (per dataset; DDPM: 2e-4)")
@@ -231,10 +307,20 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt exactly (pass the same flags)")
     p.error = lambda message: fail(f"{message} (see python train.py --help)")
     args = p.parse_args(argv)
-    for name, value in DATASET_DEFAULTS[args.dataset].items():
+    recipe = DATASET_DEFAULTS[args.dataset]
+    if args.dataset == IMAGE_FOLDER:  # the network, recipe and image size of its preset
+        args.preset = args.preset or recipe["preset"]
+        recipe = DATASET_DEFAULTS[args.preset]
+        args.image_size = args.image_size or PRESETS[args.preset].image_size
+    elif args.preset is not None or args.image_size is not None:
+        fail(f"--preset and --image-size apply to --dataset {IMAGE_FOLDER} only: {args.dataset} trains its own "
+             "preset in model.py at its own size")
+    else:
+        args.image_size = PRESETS[args.dataset].image_size
+    for name, value in recipe.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.holdout is None:  # data.HOLDOUT: mnist 200 per class (../shared/data/mnist-4k then trains on 2,000)
+    if args.holdout is None:  # data.HOLDOUT: mnist 200 per class (a 4,000-digit mnist-4k then trains on 2,000)
         args.holdout = HOLDOUT.get(args.dataset, 0)
     args.out_dir = args.out_dir or os.path.join("out", args.dataset)
     return args
@@ -262,13 +348,52 @@ def pick_device(args):
     return device, rank, world_size
 
 
-def resume_check(args, ckpt_path):
-    """The checkpoint to continue (None for a new run), after checking that it belongs to this run."""
+def fit_config(config, image_size, in_channels, num_classes):
+    """A preset's network for other images: their size, channels and number of classes, with self-attention
+    at the same levels of the U-Net (level i works at H halved i times, rounding up, as UNet does)."""
+    def level_sizes(size):
+        sizes = [size]
+        for _ in config.channel_mult[1:]:
+            sizes.append((sizes[-1] + 1) // 2)
+        return sizes
+    attention = tuple(new for old, new in zip(level_sizes(config.image_size), level_sizes(image_size))
+                      if old in config.attention_resolutions)
+    return dataclasses.replace(config, image_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                               attention_resolutions=attention)
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir for the rest of this process's life: (the open lock file, None), or (None, an error line).
+
+    An exclusive flock on out_dir/train.lock, which holds this process's PID for the message that another
+    run gets. The OS releases the lock when the process ends, however it ends (kill -9 too), so a lock
+    is never stale; the file itself stays (removing it could let two runs lock two different files)."""
+    path = os.path.join(out_dir, LOCK_FILE)
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out_dir).close()
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # checkpoints are written to temporary files, then renamed
+        lock = open(path, "a+")  # "a+": opening does not erase the PID written by a run that holds the lock
     except OSError as e:
-        fail(f"cannot write to --out-dir {args.out_dir}: {e.strerror}; choose a writable folder")
+        return None, f"cannot write to --out-dir {out_dir}: {e.strerror}; choose a writable folder"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.seek(0)
+        holder = lock.read().strip()  # empty only in the instant between the holder's flock and its write
+        lock.close()
+        if isinstance(e, BlockingIOError):
+            who = f"another train.py (process {holder})" if holder else "another train.py that is starting"
+            return None, (f"--out-dir {out_dir} is in use by {who}: wait for it to end or stop it, "
+                          "or choose another --out-dir")
+        return None, f"cannot lock {path} ({e.strerror}): choose an --out-dir on a local disk"
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock, None
+
+
+def resume_check(args, ckpt_path):
+    """The checkpoint to continue (None for a new run), after checking that it is one of this dataset."""
     if not args.resume:
         if os.path.exists(ckpt_path):
             fail(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir to start over")
@@ -281,28 +406,36 @@ def resume_check(args, ckpt_path):
     if stored.get("dataset") != args.dataset:
         fail(f"--resume: {ckpt_path} was trained on {stored.get('dataset')!r}, not {args.dataset!r}: "
              f"pass --dataset {stored.get('dataset')} or another --out-dir")
-    try:
-        same_config = config_from_dict(ckpt["config"]) == PRESETS[args.dataset]
-    except TypeError:  # fields that UNetConfig does not have
-        same_config = False
-    if not same_config:
-        fail(f"--resume: the model config in {ckpt_path} is not today's {args.dataset} preset in model.py: "
-             "resume with the model.py it was trained with, or start a new --out-dir")
     for k, v in stored.items():
         if k not in ("resume", "device", "amp", "compile") and getattr(args, k, v) != v and int(os.environ.get("RANK", 0)) == 0:
             print(f"train.py: note: --{k.replace('_', '-')} was {v} in the checkpoint, now {getattr(args, k)}")
     return ckpt
 
 
+def check_resumed_config(ckpt, config, ckpt_path):
+    """--resume: the checkpoint's model config must be this run's (its preset, and an image folder's size,
+    channels and number of classes)."""
+    try:
+        stored = dataclasses.asdict(config_from_dict(ckpt.get("config", {})))
+    except TypeError:  # fields that UNetConfig does not have
+        fail(f"--resume: the model config in {ckpt_path} has fields that today's model.py lacks: resume with the "
+             "model.py it was trained with, or start a new --out-dir")
+    changed = [f"{k} {stored[k]} -> {v}" for k, v in dataclasses.asdict(config).items() if stored[k] != v]
+    if changed:
+        fail(f"--resume: the model config in {ckpt_path} is not this run's ({', '.join(changed)}): resume with the "
+             "model.py, flags and data it was trained with, or start a new --out-dir")
+
+
 # ------------------------------------------------------------------ outputs
 
-def draw_samples(ckpt_path, png_path, num_classes, steps, device):
+def draw_samples(ckpt_path, png_path, num_classes, steps, device, guidance_free=False):
     """A preview grid from the EMA weights, drawn by sample.py in its own process (train.py never imports
     sample.py). This is exactly the command a user runs on a checkpoint; the fixed seed gives every grid
     the same noise, so grids from different steps compare. Returns an error line, or None."""
     command = [sys.executable, SAMPLE_PY, "--ckpt", ckpt_path, "--w", *PREVIEW_W,
                "--classes", f"0-{num_classes - 1}", "--n-per-class", "1", "--steps", str(steps),
-               "--seed", "0", "--out", png_path, "--device", device.type]
+               "--seed", "0", "--out", png_path, "--device", device.type,
+               *(["--guidance", "guidance-free"] if guidance_free else [])]
     # Without torchrun's variables: the preview is one process, not a rank of a distributed sample.py.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     try:
@@ -335,10 +468,16 @@ def plot_losses(losses, path):
 # ------------------------------------------------------------------ the training script
 
 def main(argv=None):
-    # -------------------------------------------------------------- settings and resume check
+    # -------------------------------------------------------------- settings, out-dir lock and resume check
     args = parse_args(argv)
     device, rank, world_size = pick_device(args)
     ddp = dist.is_initialized()
+    # Rank 0 holds --out-dir until its process ends (`lock` stays open); if it cannot, every rank stops.
+    lock, error = lock_out_dir(args.out_dir) if rank == 0 else (None, None)
+    if (any_rank(error is not None, device) if ddp else error is not None):
+        if ddp:
+            dist.destroy_process_group()  # every rank leaves together (torchrun then stops any still exiting)
+        fail(error)  # printed by rank 0
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = resume_check(args, ckpt_path)
     if rank == 0:  # temporary files of a save that was killed midway; ckpt.pt itself is always whole
@@ -346,8 +485,9 @@ def main(argv=None):
             os.remove(stale)
 
     # -------------------------------------------------------------- data: the whole dataset on the device
-    try:
-        images, labels = load_dataset(args.dataset, args.data_dir)  # uint8 (N, C, H, W), int64 (N,)
+    try:  # uint8 (N, C, H, W), int64 (N,): the training split only
+        images, labels = load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        classes = class_names(args.dataset, args.data_dir)  # label i is classes[i]
         images, labels, _, _ = split_holdout(images, labels, args.holdout)  # never trained on (--holdout)
     except DataError as e:
         fail(str(e))
@@ -358,7 +498,13 @@ def main(argv=None):
     local_batch = args.batch_size // world_size
 
     # -------------------------------------------------------------- model, EMA, optimizer
-    config = PRESETS[args.dataset]
+    # A named dataset trains its preset as it is; an image folder, its preset fitted to the images.
+    config = (fit_config(PRESETS[args.preset], args.image_size, images.shape[1], len(classes))
+              if args.dataset == IMAGE_FOLDER else PRESETS[args.dataset])
+    if args.guidance_free:  # the strength input β that guidance-free training needs (off: the paper's network)
+        config = dataclasses.replace(config, strength_input=True)
+    if ckpt is not None:
+        check_resumed_config(ckpt, config, ckpt_path)
     torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
     raw_model = UNet(config).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema: the weights sample.py uses
@@ -381,8 +527,8 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if rank == 0:
-        print(f"train.py: {args.dataset}, {len(labels)} images {tuple(images.shape[1:])} ({args.holdout} per class "
-              f"held out), UNet "
+        print(f"train.py: {args.dataset}, {len(labels)} images {tuple(images.shape[1:])} of {len(classes)} classes "
+              f"({args.holdout} per class held out), UNet "
               f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, device {device}, "
               f"{world_size} process(es), {start_step} steps done\n"
               + "\n".join(f"  {name:16s} {value}" for name, value in vars(args).items()))
@@ -390,7 +536,7 @@ def main(argv=None):
     def save(step):  # a self-describing checkpoint (sample.py needs nothing else), written atomically
         save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "config": dataclasses.asdict(config), "args": vars(args),
-                         "losses": losses[:step].cpu()}, ckpt_path)
+                         "class_names": list(classes), "losses": losses[:step].cpu()}, ckpt_path)
 
     # Ctrl-C / SIGTERM ask the loop to stop after the current step and save; a second Ctrl-C stops at once.
     stop_requested = False
@@ -451,7 +597,7 @@ def main(argv=None):
             save(done)
         if draw and rank == 0:
             error = draw_samples(ckpt_path, os.path.join(args.out_dir, f"samples_{done:07d}.png"),
-                                 config.num_classes, args.sample_steps, device)
+                                 config.num_classes, args.sample_steps, device, args.guidance_free)
             if error:
                 tqdm.write(f"train.py: warning: no preview grid at step {done} ({error}); training goes on", file=sys.stderr)
         if stop:

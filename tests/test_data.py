@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import data
+from conftest import shared_data
 from official_formats import cifar_tar_gz, idx_gz, py2_cifar_batch, py2_str
 
-MNIST_4K = "/work/shared/data/mnist-4k"
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -361,8 +361,8 @@ def read_idx_reference(path):
     return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST_4K), reason="no mnist-4k folder on this machine")
 def test_real_mnist_4k_read_only_folder(monkeypatch):
+    MNIST_4K = shared_data("mnist-4k")
     monkeypatch.setenv(data.MIRROR_ENV, closed_port_url())
     before = snapshot(MNIST_4K)
     images, labels = data.load_dataset("mnist", MNIST_4K)

@@ -1,5 +1,6 @@
-"""train.py when things go wrong (issue 6): kill -9 at several points (one of them halfway through a
-checkpoint write), Ctrl-C, a loss that turns non-finite, and every bad command-line input.
+"""train.py when things go wrong: kill -9 at several points (one of them halfway through a checkpoint
+write), Ctrl-C, a loss that turns non-finite, a second run on the same --out-dir, every bad command-line
+input and bad image folders.
 
 The references are independent of the code under test: an uninterrupted run for the crash test, the
 checkpoint file's bytes before the failure for the NaN test. Test-only hooks live here, not in train.py:
@@ -9,6 +10,7 @@ first step moves every weight by about the learning rate, so the next loss overf
 
 Runs train.py in subprocesses on the digits preset with OMP_NUM_THREADS=1.
 """
+import dataclasses
 import hashlib
 import os
 import signal
@@ -16,13 +18,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import train
-import dataclasses
-
 from model import PRESETS, UNetConfig, load_checkpoint, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +62,15 @@ def slow_update_ema(*args):
     time.sleep(float(os.environ["STEP_SLEEP"]))
     return real_update_ema(*args)
 train.update_ema = slow_update_ema
+train.main(sys.argv[1:])
+"""
+
+# train.main once the file GO exists: a run started (and past its imports) before its turn comes.
+WAIT_TO_GO = """
+import os, sys, time
+import train
+while not os.path.exists(os.environ["GO"]):
+    time.sleep(0.02)
 train.main(sys.argv[1:])
 """
 
@@ -134,6 +145,45 @@ def test_kill_9_anywhere_then_resume_ends_where_an_uninterrupted_run_ends(tmp_pa
     same_state(load_checkpoint(ckpt), load_checkpoint(str(tmp_path / "reference" / "ckpt.pt")))
 
 
+def test_a_second_run_on_the_same_out_dir_is_refused_until_the_first_one_dies(tmp_path):
+    out = tmp_path / "out"
+    lock = out / train.LOCK_FILE
+    go_second, go_third = tmp_path / "go_second", tmp_path / "go_third"
+    first = start(RUN + ["--max-steps", "1000000", "--ckpt-every", "1000000", "--out-dir", str(out)])
+    second = start(RUN + ["--max-steps", "1", "--out-dir", str(out)], script=WAIT_TO_GO, env={"GO": str(go_second)})
+    third = start(RUN + ["--max-steps", "1", "--log-every", "1", "--out-dir", str(out)], script=WAIT_TO_GO,
+                  env={"GO": str(go_third)})
+    try:
+        wait_for(lambda: lock.exists() and lock.read_text().startswith(f"{first.pid} "), first, timeout=120)
+        go_second.touch()
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+        assert stderr.startswith(f"train.py: error: --out-dir {out} is in use by another train.py (process {first.pid} on ")
+        assert first.poll() is None and not os.path.exists(out / "ckpt.pt")  # the first run goes on, untouched
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        go_third.touch()  # the OS released the dead run's lock: the third run takes it and trains
+        _, stderr = third.communicate(timeout=120)
+        assert third.returncode == 0, stderr
+        assert ckpt_step(str(out / "ckpt.pt")) == 1 and lock.read_text().startswith(f"{third.pid} ")
+    finally:
+        for run in (first, second, third):
+            run.kill()
+            run.wait()
+
+
+def test_lock_out_dir_holds_while_the_file_is_open(tmp_path):
+    held, error = train.lock_out_dir(str(tmp_path / "out"))
+    assert error is None and (tmp_path / "out" / train.LOCK_FILE).read_text().startswith(f"{os.getpid()} on ")
+    again, error = train.lock_out_dir(str(tmp_path / "out"))  # a second open file: flock refuses it too
+    assert again is None and f"(process {os.getpid()} on " in error and "\n" not in error
+    held.close()
+    again, error = train.lock_out_dir(str(tmp_path / "out"))
+    assert error is None
+    again.close()
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     args = RUN + ["--out-dir", str(tmp_path)]
     ckpt = str(tmp_path / "ckpt.pt")
@@ -205,6 +255,11 @@ BAD_INPUTS = [
     (["--ema-decay", "1"], "outside [0, 1)", None),
     (["--holdout", "-1"], "--holdout: must be 0 or more", None),
     (["--holdout", "200"], "cannot hold out 200", None),  # digits: 174-183 images per class
+    (["--image-size", "16"], "apply to --dataset imagefolder only", None),
+    (["--preset", "mnist"], "apply to --dataset imagefolder only", None),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no folder", None),
+    (["--dataset", "imagefolder", "--image-size", "4"], "--image-size: must be 8 or more", None),
+    (["--dataset", "imagefolder", "--preset", "imagenet"], "invalid choice", None),
     (["--logsnr-schedule", "linear"], "invalid choice", None),
     (["--device", "tpu0"], "is not a device", None),
     pytest.param(["--device", "cuda"], "no CUDA device", None,
@@ -227,6 +282,37 @@ def test_each_bad_input_is_one_line_and_exit_2(flags, phrase, stored, tmp_path, 
     assert exit_info.value.code == 2, err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("train.py: error: ") and phrase in err, err
+
+
+def write_folder(root, case):
+    """An image folder of two classes with one thing wrong; returns what the one-line message must name."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / "train" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "train" / name / "0.png")
+    if case == "corrupt image":
+        (root / "train" / "b" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+        return str(root / "train" / "b" / "1.jpg")
+    if case == "empty class folder":
+        (root / "train" / "c").mkdir()
+        return str(root / "train" / "c")
+    if case == "one class":
+        os.remove(root / "train" / "b" / "0.png")
+        os.rmdir(root / "train" / "b")
+        return "one class folder (a)"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["corrupt image", "empty class folder", "one class"])
+def test_bad_image_folder_is_one_line_exit_2_and_caches_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    named = write_folder(tmp_path / "images", case)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: ") and named in err, err
+    assert not (tmp_path / "cache").exists() and sorted(os.listdir(tmp_path / "out")) == [train.LOCK_FILE]
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):

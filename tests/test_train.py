@@ -1,7 +1,8 @@
 """train.py against independent references: binomial bounds for label dropout, scipy's hyperbolic-secant
 law (KS test) for λ, a float64 hand computation of Algorithm 1's loss with replayed noise, and, for the
-script, runs that must end with the same weights as an uninterrupted run and a torchrun run whose two
-processes must hold identical weights.
+script, runs that must end with the same weights as an uninterrupted run, a torchrun run whose two
+processes must hold identical weights (and that stops on every rank when its --out-dir is taken), and a
+run on an image folder written here.
 
 Runs train.py in subprocesses on the digits preset (offline), one thread each (OMP_NUM_THREADS=1:
 deterministic and fast on a shared CPU).
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from PIL import Image
 
+import data
 import train
 from model import PRESETS, UNet, load_checkpoint, model_from_checkpoint
 
@@ -31,10 +34,11 @@ RUN = ["--dataset", "digits", "--batch-size", "16", "--log-every", "5", "--ckpt-
 STEPS = 24
 
 
-def run_train(args, timeout=120, script=None):
+def run_train(args, timeout=120, script=None, env=None):
     """python train.py ARGS (or python -c SCRIPT ARGS) in the repo; returns the CompletedProcess."""
     command = [sys.executable, os.path.join(REPO, "train.py")] if script is None else [sys.executable, "-c", script]
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})}, cwd=REPO)
 
 
 def assert_same_state(a, b):
@@ -230,8 +234,8 @@ def test_train_step_is_warmup_loss_clipping_adam_and_ema_by_hand():
     torch.manual_seed(0)
     model, x, labels = ToyMLP(), torch.randn(32, 2), torch.arange(32) % 3
     ema, ref = copy.deepcopy(model), copy.deepcopy(model)
-    args = argparse.Namespace(p_uncond=0.2, logsnr_schedule="cosine", lr=0.01, warmup_steps=4, grad_clip=0.05,
-                              ema_decay=0.9, ema_warmup=True, amp=False)
+    args = argparse.Namespace(p_uncond=0.2, logsnr_schedule="cosine", guidance_free=False, lr=0.01, warmup_steps=4,
+                              grad_clip=0.05, ema_decay=0.9, ema_warmup=True, amp=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     step = 2
     torch.manual_seed(11)
@@ -268,6 +272,7 @@ def test_checkpoint_round_trip(reference):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # weights_only=True
     assert ckpt["step"] == STEPS and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["seed"] == 3
     assert ckpt["config"] == dataclasses.asdict(PRESETS["digits"])
+    assert ckpt["class_names"] == [str(i) for i in range(10)]
     assert ckpt["losses"].shape == (STEPS,) and torch.isfinite(ckpt["losses"]).all()
     assert ckpt["losses"][-5:].mean() < ckpt["losses"][:5].mean()
     for weights in ("model", "ema"):
@@ -340,8 +345,91 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     for p0, name in zip(rank0, names):
         assert torch.equal(p0, ckpt["model"][name])
     # Only rank 0 wrote files: one checkpoint, one preview grid, one loss curve (and the two test dumps).
-    expected = {"ckpt.pt", "loss.png", "params_rank0.pt", "params_rank1.pt"}
+    expected = {"ckpt.pt", "loss.png", "train.lock", "params_rank0.pt", "params_rank1.pt"}
     if os.path.exists(train.SAMPLE_PY):
         expected.add(f"samples_{steps:07d}.png")
     assert set(os.listdir(out)) == expected
     assert result.stdout.count("train.py: digits") == 1  # settings printed once
+
+
+def test_torchrun_stops_every_process_when_the_out_dir_is_taken(tmp_path):
+    """Rank 0 alone takes the lock; when it cannot, every rank exits with 2 (none waits for the others)."""
+    out = str(tmp_path / "ddp")
+    held, error = train.lock_out_dir(out)  # this process holds the out-dir
+    assert error is None
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", os.path.join(REPO, "train.py"), *RUN, "--max-steps", "2",
+               "--out-dir", out, "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=ENV, cwd=REPO)
+    held.close()
+    assert result.returncode != 0
+    assert result.stderr.count(f"train.py: error: --out-dir {out} is in use by another train.py (process {os.getpid()} ") == 1
+    # The first rank to leave exits with 2 (torchrun then stops the other); no traceback from train.py.
+    assert "exitcode  : 2" in result.stderr and 'train.py", line' not in result.stderr
+    assert sorted(os.listdir(out)) == ["train.lock"]
+
+
+# ------------------------------------------------------------------ image folders
+
+@pytest.mark.parametrize("preset", ["digits", "mnist", "cifar10"])
+def test_fit_config_is_the_preset_at_its_own_size_and_keeps_attention_levels(preset):
+    config = PRESETS[preset]
+    assert train.fit_config(config, config.image_size, config.in_channels, config.num_classes) == config
+    fitted = train.fit_config(config, 2 * config.image_size, 1, 3)
+    assert (fitted.image_size, fitted.in_channels, fitted.num_classes) == (2 * config.image_size, 1, 3)
+    assert fitted.attention_resolutions == tuple(2 * r for r in config.attention_resolutions)
+    assert (fitted.channels, fitted.channel_mult, fitted.dropout) == (config.channels, config.channel_mult, config.dropout)
+
+
+def test_fit_config_rounds_odd_sizes_up_as_the_unet_does():
+    fitted = train.fit_config(PRESETS["mnist"], 30, 3, 4)  # mnist: levels 28, 14, 7 with attention at 7
+    assert fitted.attention_resolutions == (8,)  # levels 30, 15, 8
+    model = UNet(fitted)
+    attention_levels = [block.attn.__class__.__name__ for block in model.down if hasattr(block, "attn")]
+    assert attention_levels.count("Attention") == 1  # one down block (at 8×8) attends, as at mnist's 7×7
+    eps = model(torch.randn(2, 3, 30, 30), torch.zeros(2), torch.tensor([0, 4]))
+    assert eps.shape == (2, 3, 30, 30)
+
+
+def test_imagefolder_run_trains_on_the_folder_and_stores_its_class_names(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("zebra", "ant", "bee"):  # sorted: ant, bee, zebra
+        for i in range(4):
+            path = tmp_path / "images" / "train" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(path)  # grayscale, 10×12
+    (tmp_path / "images" / "test").mkdir()  # a broken test split: training never reads it
+    out = str(tmp_path / "out")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--batch-size", "4",
+            "--max-steps", "2", "--sample-every", "0", "--out-dir", out]
+    env = {data.CACHE_ENV: str(tmp_path / "cache")}
+    result = run_train(args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("centre-cropped to square and resized") == 1
+    assert "imagefolder, 12 images (1, 8, 8) of 3 classes" in result.stdout
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["class_names"] == ["ant", "bee", "zebra"]
+    assert ckpt["config"] == dataclasses.asdict(train.fit_config(PRESETS["mnist"], 8, 1, 3))
+    assert ckpt["args"]["preset"] == "mnist" and ckpt["args"]["lr"] == train.DATASET_DEFAULTS["mnist"]["lr"]
+    assert model_from_checkpoint(ckpt)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.tensor([3])).shape == (1, 1, 8, 8)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    # A class folder added before --resume changes the model: one line, exit 2.
+    (tmp_path / "images" / "train" / "cat").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "images" / "train" / "cat" / "0.png")
+    resumed = run_train(args + ["--max-steps", "3", "--resume"], env=env)
+    assert resumed.returncode == 2 and resumed.stderr.strip().splitlines()[-1].startswith("train.py: error: --resume")
+    assert "num_classes 3 -> 4" in resumed.stderr
+
+
+def test_training_asks_data_py_for_the_training_split_only(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def record(name, data_dir, train=True, **kwargs):
+        calls.append((name, train))
+        raise data.DataError("recorded")
+    monkeypatch.setattr(train, "load_dataset", record)
+    for name in ("cifar10", "imagefolder"):
+        with pytest.raises(SystemExit):
+            train.main(["--dataset", name, "--out-dir", str(tmp_path / name)])
+    assert calls == [("cifar10", True), ("imagefolder", True)]
+    assert capsys.readouterr().err.count("train.py: error: recorded") == 2

@@ -5,8 +5,9 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598). Two cost
   (`train.parse_args`): drop c to ∅ with probability p_uncond, draw λ and ε, z_λ = α_λ x + σ_λ ε,
   ‖ε_θ(z_λ, c) − ε‖², backward, gradient clipping, an Adam step and the EMA update;
 - sampling (Algorithm 2): at w = 0 a step evaluates ε_θ(z_t, c) once; at w ≠ 0 it needs
-  ε̃_t = (1 + w) ε_θ(z_t, c) − w ε_θ(z_t), two evaluations that `sample.guided_eps` runs as one batch
-  of 2B. The guided step should therefore cost at most 2× the unguided one.
+  ε̃_t = (1 + w) ε_θ(z_t, c) − w ε_θ(z_t), two evaluations that `guidance.guided_eps` runs as one batch
+  of 2B or as two passes of B, by device (`guidance.ONE_BATCH`). The guided step should therefore cost at
+  most 2× the unguided one.
 
 What it prints (and writes with --json):
 - the dense matmul rate of this machine in the same run (float32; bfloat16 too on CUDA or with --amp),
@@ -17,9 +18,9 @@ What it prints (and writes with --json):
   backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
   (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
 - per preset: seconds per sampling step for a batch of 64 at w = 0 and at w = 1, the latter both as
-  one batch of 2B (`sample.guided_eps`) and as two passes of B (`two_passes` below), the ratios to
-  w = 0, and the time to draw 50,000 guided samples at T = 256 (Algorithm 2) and at the fast
-  sampler's default T at that batch size.
+  one batch of 2B and as two passes of B (`guided_as` below), the ratios to w = 0, which of the two
+  guided_eps uses on this device ("ratio" is that one's), and the time to draw 50,000 guided samples
+  that way at T = 256 (Algorithm 2) and at the fast sampler's default T at that batch size.
 On CPU, malloc keeps freed memory for the whole run, as in sample.py (fast_cpu.keep_freed_memory;
 it makes no measurable difference to training, which does not use it); --plain measures without.
 Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
@@ -54,8 +55,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fast_cpu
 from model import PRESETS, UNet
-from sample import DEFAULTS, FAST_SAMPLER, guided_eps, sample
-from train import DATASET_DEFAULTS, parse_args, train_step
+from guidance import ONE_BATCH, guided_eps
+from sample import FAST_SAMPLER, SAMPLERS, sample
+from train import DATASET_DEFAULTS, fail as train_fail, parse_args, train_step
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64
@@ -182,24 +184,30 @@ class CountingModel:
         return self.net(z, logsnr, labels)
 
 
-def two_passes(model, z, logsnr, labels, w):
-    """guided_eps with the two evaluations as two passes of B instead of one batch of 2B (a guidance rule
-    with the same arguments, so sample() takes it): half the activation memory, timed here against 2B."""
-    eps_cond = model(z, logsnr, labels)
-    eps_uncond = model(z, logsnr, torch.full_like(labels, model.null_label))
-    return (1 + w) * eps_cond - w * eps_uncond
+def guided_as(one_batch):
+    """guidance.guided_eps with its two evaluations as one batch of 2B (True) or two passes of B (False), whatever
+    guidance.ONE_BATCH says for the device: a rule for sample(), so that both ways are timed on every device."""
+    def rule(model, z, logsnr, labels, w, state=None):
+        device_type, saved = z.device.type, dict(ONE_BATCH)
+        ONE_BATCH[device_type] = one_batch
+        try:
+            return guided_eps(model, z, logsnr, labels, w)
+        finally:
+            ONE_BATCH.clear()
+            ONE_BATCH.update(saved)
+    return rule
 
 
 def bench_sample(preset, device, args):
     """Seconds per step of sample.sample (steps=1: one step of Algorithm 2) at w = 0, and at w = 1 with
-    the two evaluations both as one batch of 2B (guided_eps, sample.py's) and as two passes of B
-    (two_passes). The three are timed in turn, round after round, so that a slow spell on a shared
+    the two evaluations both as one batch of 2B and as two passes of B (guided_as). The three are timed in turn, round after round, so that a slow spell on a shared
     machine hits them alike; ratios are of the best times."""
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
     labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].num_classes
-    variants = {"w0": (0.0, guided_eps), "w1_one_batch": (GUIDED_W, guided_eps), "w1_two_passes": (GUIDED_W, two_passes)}
+    variants = {"w0": (0.0, guided_eps), "w1_one_batch": (GUIDED_W, guided_as(True)),
+                "w1_two_passes": (GUIDED_W, guided_as(False))}
     counted = {key: CountingModel(net) for key in variants}
 
     def one_step(key):
@@ -223,11 +231,13 @@ def bench_sample(preset, device, args):
         result[f"{key}_evals_per_step"] = counted[key].images / ((args.warmup + rounds) * args.sample_batch_size)
     for key in ("w1_one_batch", "w1_two_passes"):
         result[f"ratio_{key[3:]}"] = result[f"{key}_seconds_best"] / result["w0_seconds_best"]
-    result["ratio"] = result["ratio_one_batch"]  # sample.py's way
+    result["guided_way"] = "one_batch" if ONE_BATCH.get(device.type, True) else "two_passes"  # guided_eps's here
+    result["ratio"] = result[f"ratio_{result['guided_way']}"]
+    guided_seconds = result[f"w1_{result['guided_way']}_seconds_best"]
     batches = math.ceil(NUM_SAMPLES / args.sample_batch_size)
-    result["hours_50k_T256_guided"] = batches * 256 * result["w1_one_batch_seconds_best"] / 3600
-    result["fast_sampler"], result["fast_steps"] = FAST_SAMPLER, DEFAULTS[FAST_SAMPLER]["steps"]
-    result["hours_50k_fast_guided"] = batches * result["fast_steps"] * result["w1_one_batch_seconds_best"] / 3600
+    result["hours_50k_T256_guided"] = batches * 256 * guided_seconds / 3600
+    result["fast_sampler"], result["fast_steps"] = FAST_SAMPLER, SAMPLERS[FAST_SAMPLER]["steps"]
+    result["hours_50k_fast_guided"] = batches * result["fast_steps"] * guided_seconds / 3600
     return result
 
 
@@ -245,8 +255,7 @@ def parse_batch_sizes(items, presets, device):
 
 
 def fail(message):  # bad input: one line on stderr, exit code 2, no traceback
-    print(f"bench.py: error: {message} (see python bench.py --help)", file=sys.stderr)
-    sys.exit(2)
+    train_fail(f"{message} (see python bench.py --help)", prog="bench.py")
 
 
 def print_tables(report):
@@ -273,8 +282,9 @@ def print_tables(report):
         print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:8.4f} {r['w1_one_batch_seconds_best']:8.4f} "
               f"{r['w1_two_passes_seconds_best']:8.4f} {r['ratio_one_batch']:8.2f} {r['ratio_two_passes']:6.2f} "
               f"{r['hours_50k_T256_guided']:14.2f} h {r['hours_50k_fast_guided']:13.2f} h")
-    print("(seconds per step, best of each; w = 1 as one batch of 2B, sample.py's way, which the 50k columns\n"
-          f" use, and as two passes of B; ratio = guided / unguided, limit 2.0; fast: "
+    print(f"(seconds per step, best of each; w = 1 as one batch of 2B and as two passes of B; guided_eps uses "
+          f"{report['sample'][0]['guided_way'].replace('_', ' ')} here,\n which the 50k columns use; ratio = guided / "
+          f"unguided, limit 2.0; fast: "
           f"{report['sample'][0]['fast_sampler']} at T = {report['sample'][0]['fast_steps']})")
 
 

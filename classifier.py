@@ -1,4 +1,4 @@
-"""Classifier guidance beside classifier-free guidance: a noise-conditional classifier p_φ(c | z_λ).
+"""Training the noise-conditional classifier p_φ(c | z_λ) of classifier guidance, beside classifier-free guidance.
 
 Ho & Salimans (arXiv 2207.12598) read classifier-free guidance as classifier guidance of the
 unconditional model with the *implicit* classifier p^i(c | z_λ) ∝ p(z_λ | c) / p(z_λ). With
@@ -6,7 +6,7 @@ unconditional model with the *implicit* classifier p^i(c | z_λ) ∝ p(z_λ | c)
 
     ε̃ = ε_θ(z_λ) + (1 + w) [ε_θ(z_λ, c) − ε_θ(z_λ)] = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p^i(c | z_λ)
 
-(Algorithm 2, line 3, = sample.guided_eps). Classifier guidance (Dhariwal & Nichol 2021, "ADM")
+(Algorithm 2, line 3, = guidance.guided_eps). Classifier guidance (Dhariwal & Nichol 2021, "ADM")
 puts a trained noise-conditional classifier p_φ(c | z_λ) in place of p^i, on the same w axis:
 
     ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)                base "uncond" (Dhariwal & Nichol)
@@ -16,24 +16,17 @@ puts a trained noise-conditional classifier p_φ(c | z_λ) in place of p^i, on t
 1 + w is Dhariwal & Nichol's classifier scale s: their s = 1 on the unconditional model is w = 0 here,
 the same strength as CFG at w = 0 (the conditional model). With exact scores and the exact classifier
 both forms equal CFG's ε̃ = (1 + w) ε(z_λ, c) − w ε(z_λ) (tests/test_classifier.py checks this on a
-toy at every λ). The gradient is taken by autograd through p_φ (`classifier_guided_eps`); it is a rule
-that sample.sample takes, with every sampler:
-
-    rule = functools.partial(classifier_guided_eps, classifier=clf, base="uncond")
-    x = sample.sample(model, labels, w, guidance=rule)
-
-The classifier (`NoisyClassifier`) is ADM's design at this project's scale: the U-Net's down path and
-middle, built from model.py's blocks and conditioned on λ as the U-Net is (a sinusoidal embedding of
-u(λ) and an MLP, added in every residual block), then GroupNorm → SiLU → average pool → linear (ADM's
-"adaptive" pooling; its ImageNet classifiers used attention pooling and scale-shift normalisation).
-It is trained with cross-entropy on z_λ ~ q(z_λ | x), λ drawn from the diffusion model's training
-density (train.sample_logsnr), with AdamW, a linearly annealed learning rate and an EMA of the weights;
-its accuracy is reported per band of λ on held-out images (chance at low λ, near clean accuracy at high).
+toy at every λ). The rule is guidance.classifier_guided_eps (line 3, beside the paper's), the network
+model.NoisyClassifier: ADM's design at this project's scale, the U-Net's encoder (model.Encoder: the λ
+embedding, the down path and the middle) and a pooled linear head. This file trains it: cross-entropy on
+z_λ ~ q(z_λ | x), λ drawn from the diffusion model's training density (train.sample_logsnr), with AdamW, a
+linearly annealed learning rate and an EMA of the weights; its accuracy is reported per band of λ on
+held-out images (chance at low λ, near clean accuracy at high).
 
     python classifier.py --dataset digits                                      # offline, minutes on a CPU
-    python classifier.py --dataset mnist --data-dir ../shared/data/mnist-4k    # -> out/classifier-noisy/mnist/ckpt.pt
+    python classifier.py --dataset mnist --data-dir data/mnist-4k    # -> out/classifier-noisy/mnist/ckpt.pt
     python sample.py --ckpt out/mnist/ckpt.pt --guidance classifier \
-        --classifier-ckpt out/classifier-noisy/mnist/ckpt.pt --w 0 1 3
+        --guide-ckpt out/classifier-noisy/mnist/ckpt.pt --w 0 1 3
 
 Held-out images (metrics.load_splits): the last 200 per class of mnist's training split (the same images
 train.py leaves out, so the classifier never trains on the metrics' reference images), the test split of
@@ -47,127 +40,29 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DATASETS, HOLDOUT, DataError, to_model_range
 from metrics import load_splits
-from model import (Block, CheckpointError, Downsample, group_norm, load_checkpoint, logsnr_to_unit,
-                   save_checkpoint, sinusoidal_embedding, zero_init)
-from schedule import alpha_sigma, q_sample
-from train import epoch_permutation, number, sample_logsnr, step_seed, update_ema
-
-
-# ------------------------------------------------------------------ the classifier p_φ(c | z_λ)
-
-@dataclass
-class ClassifierConfig:
-    image_size: int = 32  # H = W of the input z_λ
-    in_channels: int = 3  # C of the input
-    channels: int = 128  # base width; level i has channels * channel_mult[i]
-    channel_mult: tuple = (1, 2, 2, 2)  # one entry per resolution level
-    num_res_blocks: int = 2  # residual blocks per level (ADM's "classifier_depth")
-    attention_resolutions: tuple = (16,)  # resolutions (H) that get self-attention
-    num_heads: int = 1
-    dropout: float = 0.0
-    num_classes: int = 10  # the classes c = 0..num_classes−1 (no null label: p_φ always names a class)
-
+from model import ClassifierConfig, NoisyClassifier, save_checkpoint
+from schedule import q_sample
+from train import epoch_permutation, fail as train_fail, number, sample_logsnr, step_seed, update_ema
 
 PRESETS = {
-    # U-Net down paths with one residual block per level. The 28×28 one is the down path of the earlier
+    # U-Net encoders with one residual block per level. The 28×28 one is the encoder of the earlier
     # 32-channel mnist U-Net: 1.16M parameters, larger than today's 0.69M mnist preset (notebook 04 measures
     # what its gradient costs per sampling step against CFG's second evaluation).
     "digits": ClassifierConfig(image_size=8, in_channels=1, channels=32, channel_mult=(1, 2),
                                num_res_blocks=1, attention_resolutions=(4,)),
     "mnist": ClassifierConfig(image_size=28, in_channels=1, channels=32, channel_mult=(1, 2, 4),
                               num_res_blocks=1, attention_resolutions=(7,)),
-    # The DDPM CIFAR-10 U-Net's down path and middle (ADM's 128×128 classifier: width 128, depth 2).
+    # The DDPM CIFAR-10 U-Net's encoder (ADM's 128×128 classifier: width 128, depth 2).
     "cifar10": ClassifierConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
                                 num_res_blocks=2, attention_resolutions=(16,)),
 }
 PRESETS["fashion-mnist"] = PRESETS["mnist"]
-
-
-class NoisyClassifier(nn.Module):
-    """p_φ(c | z_λ): forward(z, logsnr) -> logits (B, num_classes); log_softmax of them is log p_φ(c | z_λ)."""
-
-    def __init__(self, config: ClassifierConfig):
-        super().__init__()
-        self.config = config
-        ch, emb_dim = config.channels, 4 * config.channels
-        self.logsnr_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
-
-        # The U-Net's down path (model.UNet), without the skip connections.
-        self.down = nn.ModuleList()
-        res, cur = config.image_size, ch
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                self.down.append(Block(cur, ch * mult, emb_dim, config.dropout,
-                                       res in config.attention_resolutions, config.num_heads))
-                cur = ch * mult
-            if level < len(config.channel_mult) - 1:
-                self.down.append(Downsample(cur))
-                res = (res + 1) // 2
-        self.mid = nn.ModuleList([Block(cur, cur, emb_dim, config.dropout, True, config.num_heads),
-                                  Block(cur, cur, emb_dim, config.dropout, False, config.num_heads)])
-
-        # ADM's pooled head: GroupNorm → SiLU → average over H, W → linear (zero-initialised, as ADM's).
-        self.norm_out = group_norm(cur)
-        self.head = zero_init(nn.Linear(cur, config.num_classes))
-
-    def forward(self, z, logsnr):
-        """z: (B, C, H, W); logsnr: (B,) or scalar λ -> logits (B, num_classes)."""
-        logsnr = torch.as_tensor(logsnr, device=z.device, dtype=torch.float32).expand(z.shape[0])
-        # λ enters exactly as in model.UNet; .to(z.dtype) lets the network run in float64 (tests).
-        emb = self.logsnr_mlp(sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels).to(z.dtype))
-        h = self.conv_in(z)
-        for module in [*self.down, *self.mid]:
-            h = module(h, emb)
-        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
-        return self.head(h)  # (B, num_classes)
-
-
-# ------------------------------------------------------------------ classifier guidance: a rule for sample()
-
-def classifier_grad(classifier, z, logsnr, labels):
-    """∇_z log p_φ(c | z_λ), the shape of z, by autograd; works inside torch.no_grad (as sample() runs),
-    not inside torch.inference_mode.
-
-    The gradient of Σ_b log p_φ(c_b | z_b) with respect to z_b is that of row b alone, because the rows
-    do not interact: the classifier must be in eval mode (no batch statistics, no dropout)."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        log_p = F.log_softmax(classifier(z, logsnr), dim=1)  # (B, K): log p_φ(c | z_λ) for every c
-        log_p_c = log_p.gather(1, labels[:, None]).sum()  # Σ_b log p_φ(c_b | z_b)
-        return torch.autograd.grad(log_p_c, z)[0]
-
-
-def classifier_guided_eps(model, z, logsnr, labels, w, *, classifier, base="uncond"):
-    """Classifier guidance (Dhariwal & Nichol) on the paper's w axis, as a rule for sample.sample:
-
-        base "uncond":  ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)     (1 + w = D&N's scale s)
-        base "cond":    ε̂ = ε_θ(z_λ, c) − w σ_λ ∇_z log p_φ(c | z_λ)
-
-    model: ε_θ with a null label (model.null_label = ∅); classifier: p_φ, forward(z, logsnr) -> logits.
-    Bind the last two with functools.partial to get the rule's signature (model, z, logsnr, labels, w).
-    w: a number, or (B,) with one w per example. Where the classifier's factor (1 + w, or w) is zero
-    everywhere, only the one pass of ε_θ runs."""
-    if base not in ("uncond", "cond"):
-        raise ValueError(f"unknown base {base!r}: use 'uncond' (ε_θ(z_λ)) or 'cond' (ε_θ(z_λ, c))")
-    w = torch.as_tensor(w, dtype=z.dtype, device=z.device)
-    scale = 1 + w if base == "uncond" else w  # the factor of −σ_λ ∇_z log p_φ
-    eps = model(z, logsnr, torch.full_like(labels, model.null_label) if base == "uncond" else labels)
-    if not scale.any():
-        return eps
-    if scale.ndim == 1:
-        scale = scale.reshape(-1, *[1] * (z.ndim - 1))  # (B,) -> (B, 1, 1, 1)
-    logsnr = torch.as_tensor(logsnr, device=z.device).expand(len(z))
-    sigma = alpha_sigma(logsnr)[1].to(z.dtype).reshape(-1, *[1] * (z.ndim - 1))  # σ_λ, (B, 1, 1, 1)
-    return eps - scale * sigma * classifier_grad(classifier, z, logsnr, labels)
 
 
 # ------------------------------------------------------------------ training and evaluation (pure functions)
@@ -204,31 +99,6 @@ def band_accuracy(classifier, images, labels, bands=BANDS, seed=0, batch_size=50
     return result
 
 
-# ------------------------------------------------------------------ checkpoints
-
-def classifier_from_checkpoint(ckpt, weights="ema"):
-    """The NoisyClassifier described by ckpt['config'], loaded with ckpt[weights] ('ema' or 'model')."""
-    config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-    classifier = NoisyClassifier(config)
-    classifier.load_state_dict(ckpt[weights])
-    return classifier
-
-
-def load_classifier(path, map_location="cpu"):
-    """(NoisyClassifier with the EMA weights in eval mode, the checkpoint dict) from a file written by
-    classifier.py; CheckpointError with a one-line reason otherwise (no pickled code runs)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no classifier checkpoint at {path}: train one with "
-                              "`python classifier.py --dataset NAME`")
-    ckpt = load_checkpoint(path, map_location)
-    try:
-        classifier = classifier_from_checkpoint(ckpt)
-    except (TypeError, KeyError, RuntimeError) as e:  # a diffusion checkpoint, or weights that do not fit
-        raise CheckpointError(f"{path} is not a noise-conditional classifier written by classifier.py "
-                              f"({type(e).__name__})") from None
-    return classifier.eval(), ckpt
-
-
 # ------------------------------------------------------------------ the training script
 
 # Per-dataset defaults; a flag given on the command line wins. cifar10 is ADM's classifier recipe
@@ -248,9 +118,8 @@ EMA_DECAY = 0.9999  # ramped up as min(0.9999, (1 + step) / (10 + step)), as tra
 
 
 def fail(message):
-    """Bad input: one line on stderr, exit code 2, no traceback."""
-    print(f"classifier.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """Bad input: one line on stderr, exit code 2, no traceback (train.fail)."""
+    train_fail(message, prog="classifier.py")
 
 
 def parse_args(argv=None):
@@ -324,7 +193,8 @@ def main(argv=None):
           f"parameters, device {device}\n" + "\n".join(f"  {k:12s} {v}" for k, v in vars(args).items()))
 
     def save(step, accuracies):  # self-describing (sample.py needs nothing else), written atomically
-        save_checkpoint({"config": dataclasses.asdict(config), "args": vars(args), "model": classifier.state_dict(),
+        save_checkpoint({"network": "classifier", "config": dataclasses.asdict(config), "args": vars(args),
+                         "model": classifier.state_dict(),
                          "ema": ema.state_dict(), "step": step, "bands": [list(b) for b in BANDS],
                          "band_accuracy": accuracies}, ckpt_path)
 

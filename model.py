@@ -13,13 +13,23 @@ paper reuses, switched to continuous time:
   residual block (GroupNorm → SiLU → conv, + embedding, GroupNorm → SiLU → dropout → conv);
 - self-attention at the configured resolutions, skip connections from every down block.
 
+Optionally (`UNetConfig.strength_input`, off by default) the U-Net takes one more input, the β ∈ (0, 1] of
+guidance-free training (GFT, Chen et al. 2025; train.gft_loss): ε_s(z_λ, λ, c, β), with 1000 β through a
+sinusoidal embedding and a 2-layer MLP added to the embedding of λ and c. Its last layer starts at zero, so the
+network starts as the one without it. Off, the network is exactly the one above (same modules, same weights
+from the same seed, the same outputs), and checkpoints whose stored config predates the field load as before.
+
+The noise-conditional classifier p_φ(c | z_λ) of classifier guidance (`NoisyClassifier`, trained by
+classifier.py) is ADM's: the same encoder (`Encoder`: the λ embedding, the down path and the middle), then a
+pooled linear head.
+
 `PRESETS["cifar10"]` is the DDPM CIFAR-10 network (128 channels, multipliers (1, 2, 2, 2),
 2 residual blocks, attention at 16×16, dropout 0.1): 35.7M parameters.
 
-Checkpoints (written by train.py, read by sample.py) are plain dicts of tensors and Python
-values: `save_checkpoint` writes them atomically, `load_checkpoint` reads them with
-`torch.load(weights_only=True)` (no pickled code runs), and `model_from_checkpoint` rebuilds
-the network from the config stored inside.
+Checkpoints (written by train.py and classifier.py, read by sample.py) are plain dicts of tensors and
+Python values: `save_checkpoint` writes them atomically, `load_checkpoint` reads them with
+`torch.load(weights_only=True)` (no pickled code runs), and `model_from_checkpoint` / `load_model`
+rebuild the network (U-Net or classifier: the checkpoint says which) from the config stored inside.
 
 This file imports only torch and the standard library. Run `python model.py` to print every
 preset's size.
@@ -44,6 +54,7 @@ class UNetConfig:
     num_heads: int = 1
     dropout: float = 0.1
     num_classes: int = 10  # real classes are 0..num_classes−1; num_classes is the null label ∅
+    strength_input: bool = False  # GFT's β as an input (train.gft_loss); off: the paper's network
 
 
 PRESETS = {
@@ -150,35 +161,80 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-class UNet(nn.Module):
-    """ε_θ(z_λ, λ, c): forward(z, logsnr, labels) -> eps, with labels == num_classes meaning ∅."""
+@dataclass
+class ClassifierConfig:
+    image_size: int = 32  # H = W of the input z_λ
+    in_channels: int = 3  # C of the input
+    channels: int = 128  # base width; level i has channels * channel_mult[i]
+    channel_mult: tuple = (1, 2, 2, 2)  # one entry per resolution level
+    num_res_blocks: int = 2  # residual blocks per level (ADM's "classifier_depth")
+    attention_resolutions: tuple = (16,)  # resolutions (H) that get self-attention
+    num_heads: int = 1
+    dropout: float = 0.0
+    num_classes: int = 10  # the classes c = 0..num_classes−1 (no null label: p_φ always names a class)
 
-    def __init__(self, config: UNetConfig):
+
+class Encoder(nn.Module):
+    """What the U-Net and the noise-conditional classifier share: the embedding of λ (and of c, for the U-Net)
+    and the down path and middle that encode z_λ. The classifier is ADM's: the U-Net's encoder without the skip
+    connections, then a pooled head."""
+
+    def __init__(self, config, num_labels=None):
         super().__init__()
         self.config = config
         ch, emb_dim = config.channels, 4 * config.channels
-        self.null_label = config.num_classes
-
         self.logsnr_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(config.num_classes + 1, emb_dim)  # last row is ∅
+        if num_labels is not None:
+            self.label_emb = nn.Embedding(num_labels, emb_dim)
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
-        # Down path: every module's output is kept for a skip connection.
+        # Down path: every module's output is kept for the U-Net's skip connections.
         self.down = nn.ModuleList()
-        skip_channels, res, cur = [ch], config.image_size, ch
+        self.skip_channels, res, cur = [ch], config.image_size, ch
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
                 self.down.append(Block(cur, ch * mult, emb_dim, config.dropout,
                                        res in config.attention_resolutions, config.num_heads))
                 cur = ch * mult
-                skip_channels.append(cur)
+                self.skip_channels.append(cur)
             if level < len(config.channel_mult) - 1:
                 self.down.append(Downsample(cur))
-                skip_channels.append(cur)
+                self.skip_channels.append(cur)
                 res = (res + 1) // 2
-
         self.mid = nn.ModuleList([Block(cur, cur, emb_dim, config.dropout, True, config.num_heads),
                                   Block(cur, cur, emb_dim, config.dropout, False, config.num_heads)])
+        self.width, self.resolution = cur, res  # channels and H after the middle
+
+    def encode(self, z, logsnr, labels=None, extra_emb=None):
+        """(h after the middle, the down path's outputs for the skips, the embedding (B, emb_dim)). extra_emb:
+        (B, emb_dim) added to the embedding of λ and c (the U-Net's strength β), or None."""
+        logsnr = torch.as_tensor(logsnr, device=z.device, dtype=torch.float32).expand(z.shape[0])
+        # u(λ) ∈ (0, 1) scaled to [0, 1000] so the sinusoid frequencies resolve it as in DDPM; cast to z's dtype so
+        # that the network can run in float64 (tests).
+        emb = self.logsnr_mlp(sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels).to(z.dtype))
+        if labels is not None:
+            emb = emb + self.label_emb(labels)  # (B, emb_dim)
+        if extra_emb is not None:
+            emb = emb + extra_emb
+        h = self.conv_in(z)
+        skips = [h]
+        for module in self.down:
+            h = module(h, emb)
+            skips.append(h)
+        for module in self.mid:
+            h = module(h, emb)
+        return h, skips, emb
+
+
+class UNet(Encoder):
+    """ε_θ(z_λ, λ, c): forward(z, logsnr, labels) -> eps, with labels == num_classes meaning ∅. With
+    config.strength_input, GFT's sampling model ε_s(z_λ, λ, c, β): forward(z, logsnr, labels, strength=β)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config, num_labels=config.num_classes + 1)  # the last label row is ∅
+        self.null_label = config.num_classes
+        ch, emb_dim, cur, res = config.channels, 4 * config.channels, self.width, self.resolution
+        skip_channels = list(self.skip_channels)
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip connection.
         self.up = nn.ModuleList()
@@ -194,26 +250,57 @@ class UNet(nn.Module):
         self.norm_out = group_norm(cur)
         self.conv_out = zero_init(nn.Conv2d(cur, config.in_channels, 3, padding=1))
 
-    def forward(self, z, logsnr, labels):
-        """z: (B, C, H, W); logsnr: (B,) or scalar λ; labels: (B,) long, num_classes = ∅."""
-        logsnr = torch.as_tensor(logsnr, device=z.device, dtype=torch.float32).expand(z.shape[0])
-        # u(λ) ∈ (0, 1) scaled to [0, 1000] so the sinusoid frequencies resolve it as in DDPM.
-        emb = self.logsnr_mlp(sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels))
-        emb = emb + self.label_emb(labels)  # (B, emb_dim)
+        # GFT's β, built last so that every other weight is drawn as without it; zero last layer: starts as without it.
+        self.strength_input = config.strength_input
+        if config.strength_input:
+            self.strength_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
 
-        h = self.conv_in(z)
-        skips = [h]
-        for module in self.down:
-            h = module(h, emb)
-            skips.append(h)
-        for module in self.mid:
-            h = module(h, emb)
+    def strength_embedding(self, strength, z):
+        """(B, emb_dim): the embedding of β (None: β = 1), for a network with the strength input; None without it."""
+        if not self.strength_input:
+            if strength is not None:
+                raise ValueError("this UNet has no strength input β (UNetConfig.strength_input=False): "
+                                 "it was not trained by guidance-free training (train.gft_loss)")
+            return None
+        beta = torch.as_tensor(1.0 if strength is None else strength, device=z.device, dtype=torch.float32)
+        beta = beta.expand(z.shape[0])  # (B,)
+        return self.strength_mlp(sinusoidal_embedding(1000 * beta, self.config.channels).to(z.dtype))
+
+    def forward(self, z, logsnr, labels, strength=None):
+        """z: (B, C, H, W); logsnr: (B,) or scalar λ; labels: (B,) long, num_classes = ∅. strength: GFT's
+        β ∈ (0, 1], a number or (B,), only for a network with the strength input; None there is β = 1 (the
+        conditional model, and with ∅ the unconditional one)."""
+        h, skips, emb = self.encode(z, logsnr, labels, self.strength_embedding(strength, z))
         for module in self.up:
             if isinstance(module, Upsample):
                 h = module(h, skips[-1].shape[-2:])
             else:
                 h = module(torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class NoisyClassifier(Encoder):
+    """p_φ(c | z_λ), for classifier guidance (guidance.classifier_guided_eps; trained by classifier.py):
+    forward(z, logsnr) -> logits (B, num_classes); log_softmax of them is log p_φ(c | z_λ).
+
+    ADM's design at this project's scale: the U-Net's encoder (conditioned on λ as the U-Net is, without a label),
+    then GroupNorm → SiLU → average pool → linear (ADM's "adaptive" pooling; its ImageNet classifiers used
+    attention pooling and scale-shift normalisation)."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__(config)
+        self.norm_out = group_norm(self.width)
+        self.head = zero_init(nn.Linear(self.width, config.num_classes))  # zero-initialised, as ADM's
+
+    def forward(self, z, logsnr):
+        """z: (B, C, H, W); logsnr: (B,) or scalar λ -> logits (B, num_classes)."""
+        h = self.encode(z, logsnr)[0]
+        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        return self.head(h)  # (B, num_classes)
+
+
+# The networks a checkpoint can hold, by its "network" entry (train.py: unet, classifier.py: classifier).
+NETWORKS = {"unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
 
 
 class CheckpointError(ValueError):
@@ -234,7 +321,7 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True; raise CheckpointError with a one-line reason."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: train one with train.py or pass --ckpt")
+        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one (train.py, classifier.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types: UnpicklingError, RuntimeError, EOFError
@@ -249,16 +336,35 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def config_from_dict(d):
-    """UNetConfig from a stored dict (lists back to tuples)."""
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+def network_kind(ckpt):
+    """'unet' or 'classifier': the checkpoint's "network" entry; one written before that entry existed is told by
+    its weights (only the classifier has a head)."""
+    return ckpt.get("network") or ("classifier" if "head.weight" in ckpt["ema"] else "unet")
+
+
+def config_from_dict(d, kind="unet"):
+    """The config dataclass of a network kind from a stored dict (lists back to tuples)."""
+    return NETWORKS[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def model_from_checkpoint(ckpt, weights="ema"):
-    """The UNet described by ckpt['config'], loaded with ckpt[weights] ('ema' or 'model')."""
-    model = UNet(config_from_dict(ckpt["config"]))
+    """The network described by the checkpoint (a UNet or a NoisyClassifier), loaded with ckpt[weights]
+    ('ema' or 'model')."""
+    kind = network_kind(ckpt)
+    model = NETWORKS[kind][1](config_from_dict(ckpt["config"], kind))
     model.load_state_dict(ckpt[weights])
     return model
+
+
+def load_model(path, map_location="cpu"):
+    """(the network with its EMA weights, in eval mode, the checkpoint dict) from a file written by train.py or
+    classifier.py; CheckpointError with a one-line reason otherwise (no pickled code runs)."""
+    ckpt = load_checkpoint(path, map_location)
+    try:
+        return model_from_checkpoint(ckpt).eval(), ckpt
+    except (RuntimeError, KeyError, TypeError) as e:  # a config that does not match its weights
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({type(e).__name__}); "
+                              "use the checkpoint as train.py or classifier.py wrote it") from None
 
 
 if __name__ == "__main__":

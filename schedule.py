@@ -30,13 +30,18 @@ LOGSNR_MIN = -20.0  # λ_min, the paper's value for every model
 LOGSNR_MAX = 20.0  # λ_max
 
 
+def per_example(value, like):
+    """A number or a (B,) tensor (λ, w, a scale) as a tensor of like's dtype and device that broadcasts over
+    like: a (B,) tensor is reshaped to (B, 1, ..., 1), one value per example. Every file uses this one helper."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.ndim == 1 and like.ndim > 1:
+        value = value.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
+    return value
+
+
 def _as_tensor(logsnr, like=None):
-    """λ as a tensor; a (B,) tensor is reshaped to (B, 1, ..., 1) so it broadcasts over `like`."""
-    logsnr = torch.as_tensor(logsnr, dtype=like.dtype if like is not None else None,
-                             device=like.device if like is not None else None)
-    if like is not None and logsnr.ndim == 1 and like.ndim > 1:
-        logsnr = logsnr.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
-    return logsnr
+    """λ as a tensor; with `like`, one that broadcasts over it (per_example)."""
+    return torch.as_tensor(logsnr) if like is None else per_example(logsnr, like)
 
 
 def alpha_sigma(logsnr):
@@ -71,6 +76,16 @@ def logsnr_uniform(u, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
 def logsnr_uniform_inverse(logsnr, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
     """u = (λ_max − λ) / (λ_max − λ_min), the inverse of `logsnr_uniform`."""
     return (logsnr_max - _as_tensor(logsnr)) / (logsnr_max - logsnr_min)
+
+
+SCHEDULES = {"cosine": logsnr_cosine, "uniform": logsnr_uniform}  # u ∈ [0, 1] -> λ, u = 0 at λ_max
+
+
+def logsnr_schedule(u, schedule="cosine"):
+    """λ at u by name: "cosine" (the paper's, training's density and Algorithm 2's steps) or "uniform"."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown log-SNR schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule](u)
 
 
 def q_sample(x, logsnr, eps):

@@ -115,7 +115,7 @@ def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True):
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
     """notebook 04: classifier guidance over the w sweep, and CFG at the w that notebook 02's grid lacks (its
     cells cfg-a and cfg-b give CFG at w = 0, 0.5, 1, 2, 3, 4 on the same checkpoint and noise)."""
-    guide = ["--guidance", "classifier", "--classifier-ckpt", classifier_ckpt]
+    guide = ["--guidance", "classifier", "--guide-ckpt", classifier_ckpt]
     return {"cfg-w6": [*common(ckpt, n_per_class, steps), "--w", 6],
             "classifier-a": [*common(ckpt, n_per_class, steps), *guide, "--w", 0, 0.5, 1, 2],
             "classifier-b": [*common(ckpt, n_per_class, steps), *guide, "--w", 3, 4, 6]}
@@ -124,6 +124,14 @@ def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
 # notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w (edges between the fast sampler's λ steps)
 MAP_W = 2
 MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4, 8, 20))  # quick (CI): 3 cells
+
+
+CFGPP_W = (-0.8, -0.6, -0.4, -0.2)  # CFG++'s scales γ = 1 + w = 0.2, 0.4, 0.6, 0.8 across its range [0, 1]
+
+
+def interval_rule(lo, hi):
+    """sample.py's arguments for CFG in the λ interval [lo, hi]."""
+    return ["--guidance", "interval", "-p", f"logsnr_lo={lo}", f"logsnr_hi={hi}"]
 
 
 def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
@@ -135,21 +143,21 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
       the step-602 checkpoint: w = 0.5 and 1);
     - CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no momentum) and dynamic
       thresholding over a sweep of w;
-    - CFG++ over its γ with the DDIM step, beside CFG with the same DDIM step."""
+    - CFG++ over its γ = 1 + w with the DDIM step, beside CFG with the same DDIM step."""
     base, ddim = common(ckpt, n_per_class, steps), common(ckpt, n_per_class, steps or 24, "ddim")
-    cells = {f"interval{lo:+d}{hi:+d}": [*base, "--guidance", "interval", "--interval", lo, hi, "--w", MAP_W]
+    cells = {f"interval{lo:+d}{hi:+d}": [*base, *interval_rule(lo, hi), "--w", MAP_W]
              for lo in MAP_LO for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
     if interval is not None:
-        cells["interval-sweep"] = [*base, "--guidance", "interval", "--interval", *interval, "--w", 0.5, 1, 3, 4]
+        cells["interval-sweep"] = [*base, *interval_rule(*interval), "--w", 0.5, 1, 3, 4]
     for name, path in guide_ckpts.items():
         cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
                                  "--w", *([0.5, 1] if name == "602" else [0.5, 1, 2, 3])]
     cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
     cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
-    cells["apg-projection"] = [*base, "--guidance", "apg", "--apg-r", "inf", "--apg-beta", 0, "--w", 1, 2, 4]
-    cells["dthresh"] = [*base, "--dynamic-threshold", 0.995, "--w", 1, 2, 4]
+    cells["apg-projection"] = [*base, "--guidance", "apg", "-p", "r=inf", "beta=0", "--w", 1, 2, 4]
+    cells["dthresh"] = [*base, "--clip", 0.995, "--w", 1, 2, 4]
     cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
-    cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--cfgpp-gamma", 0.2, 0.4, 0.6, 0.8]
+    cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--w", *CFGPP_W]
     return cells
 
 

@@ -2,7 +2,7 @@
 
 - The identity of the paper's section 3: on a three-class 2-D Gaussian mixture with a shared full covariance,
   the exact classifier log p(c | z_λ) (a torch function, solved with the full matrix Σ_λ) differentiated by
-  autograd inside classifier_guided_eps equals CFG (sample.guided_eps) with the exact ε* (tests/test_sample.py's
+  autograd inside guidance.classifier_guided_eps equals CFG (guidance.guided_eps) with the exact ε* (tests/test_sample.py's
   MixtureEps, computed in the eigenbasis of Σ), at 41 λ from λ_min to λ_max, several w, both bases; then the
   whole sampler, every step kind, gives the same samples with either rule.
 - The autograd gradient through the real NoisyClassifier against central finite differences in float64.
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import classifier as C
+import guidance as G
 import model as M
 from conftest import assert_one_line_exit_2
 import sample as SM
@@ -85,7 +86,7 @@ def test_classifier_guidance_with_the_exact_classifier_is_cfg_with_exact_scores(
     at every λ in [λ_min, λ_max], for scalar and per-example w (PAPER.md, "The implicit classifier")."""
     eps_star, exact = MixtureEps(MEANS, COV), ExactClassifier(MEANS, COV)
     z, logsnr, labels = toy_batch()
-    rule = functools.partial(C.classifier_guided_eps, classifier=exact, base=base)
+    rule = functools.partial(G.classifier_guided_eps, classifier=exact, base=base)
     # The test can fail: the classifier term σ ∇ log p(c|z) = ε*(z) − ε*(z, c) is large at many λ.
     diff = eps_star(z, logsnr, labels) - eps_star(z, logsnr, torch.full_like(labels, 3))
     assert diff.abs().max() > 1.0
@@ -93,7 +94,7 @@ def test_classifier_guidance_with_the_exact_classifier_is_cfg_with_exact_scores(
     for w in [-1.0, 0.0, 0.3, 1.0, 4.0, per_example]:
         with torch.no_grad():  # as sample() calls it
             got = rule(eps_star, z, logsnr, labels, w)
-        ref = SM.guided_eps(eps_star, z, logsnr, labels, w)
+        ref = G.guided_eps(eps_star, z, logsnr, labels, w)
         assert got.dtype == torch.float64 and not got.requires_grad
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
 
@@ -106,7 +107,7 @@ def test_classifier_gradient_is_the_implicit_classifier_gradient():
     z, logsnr, labels = z[keep], logsnr[keep], labels[keep]
     sigma = torch.sigmoid(-logsnr).sqrt()[:, None]
     ref = -(eps_star(z, logsnr, labels) - eps_star(z, logsnr, torch.full_like(labels, 3))) / sigma
-    torch.testing.assert_close(C.classifier_grad(exact, z, logsnr, labels), ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(G.classifier_grad(exact, z, logsnr, labels), ref, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("base", ["uncond", "cond"])
@@ -115,11 +116,11 @@ def test_every_sampler_gives_the_same_samples_with_either_rule(base, float64_def
     against CFG with exact ε*: the same noise gives the same samples, for per-example w."""
     eps_star, exact = MixtureEps(MEANS, COV), ExactClassifier(MEANS, COV)
     labels, w = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, -1.0])
-    rule = functools.partial(C.classifier_guided_eps, classifier=exact, base=base)
-    for sampler in SM.DEFAULTS:
+    rule = functools.partial(G.classifier_guided_eps, classifier=exact, base=base)
+    for sampler in SM.SAMPLERS:
         run = lambda guidance: SM.sample(eps_star, labels, w, steps=12, sampler=sampler, clip_x=False, shape=(2,),
                                          guidance=guidance, generator=torch.Generator().manual_seed(3))
-        x_cg, x_cfg = run(rule), run(SM.guided_eps)
+        x_cg, x_cfg = run(rule), run(G.guided_eps)
         torch.testing.assert_close(x_cg, x_cfg, rtol=1e-8, atol=1e-9)
         assert (x_cfg[3] - x_cfg[0]).abs().max() > 0.1  # different w, different samples: not a vacuous check
 
@@ -138,14 +139,14 @@ class ZeroEps(torch.nn.Module):
 def test_autograd_gradient_matches_central_finite_differences():
     """∇_z log p_φ(c | z_λ) through classifier_guided_eps (under no_grad, batched) against per-sample central
     differences of log_softmax(p_φ) in float64, every pixel; no gradient accumulates in p_φ's weights."""
-    clf = perturbed(C.NoisyClassifier(C.PRESETS["digits"]), seed=0).double()
+    clf = perturbed(M.NoisyClassifier(C.PRESETS["digits"]), seed=0).double()
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
     logsnr, labels = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64), torch.tensor([2, 7, 5])
     sigma = torch.sigmoid(-logsnr).sqrt()[:, None, None, None]
     with torch.no_grad():
-        uncond = C.classifier_guided_eps(ZeroEps(), z, logsnr, labels, 1.0, classifier=clf, base="uncond")
-        cond = C.classifier_guided_eps(ZeroEps(), z, logsnr, labels, 2.0, classifier=clf, base="cond")
+        uncond = G.classifier_guided_eps(ZeroEps(), z, logsnr, labels, 1.0, classifier=clf, base="uncond")
+        cond = G.classifier_guided_eps(ZeroEps(), z, logsnr, labels, 2.0, classifier=clf, base="cond")
     grad = -uncond / (2 * sigma)  # ε̂ = 0 − (1 + w) σ ∇ log p, w = 1
     torch.testing.assert_close(-cond / (2 * sigma), grad, rtol=1e-12, atol=0)  # ε̂ = 0 − w σ ∇ log p, w = 2
     assert all(p.grad is None for p in clf.parameters())
@@ -164,10 +165,10 @@ def test_autograd_gradient_matches_central_finite_differences():
 @pytest.mark.parametrize("base", ["uncond", "cond"])
 def test_the_rule_plugs_into_every_sampler_with_the_real_networks(base):
     unet = perturbed(M.UNet(M.PRESETS["digits"]), seed=2).requires_grad_(False)
-    clf = perturbed(C.NoisyClassifier(C.PRESETS["digits"]), seed=3)
-    rule = functools.partial(C.classifier_guided_eps, classifier=clf, base=base)
+    clf = perturbed(M.NoisyClassifier(C.PRESETS["digits"]), seed=3)
+    rule = functools.partial(G.classifier_guided_eps, classifier=clf, base=base)
     labels, w = torch.tensor([1, 7, 3]), torch.tensor([0.0, 2.0, -1.0])
-    for sampler in SM.DEFAULTS:
+    for sampler in SM.SAMPLERS:
         x = SM.sample(unet, labels, w, steps=3, sampler=sampler, guidance=rule,
                       generator=torch.Generator().manual_seed(0))
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all() and not x.requires_grad
@@ -175,7 +176,7 @@ def test_the_rule_plugs_into_every_sampler_with_the_real_networks(base):
         assert (x - x_cfg)[1].abs().max() > 1e-3  # at w = 2 the classifier's gradient moved the samples
     assert all(p.grad is None for p in clf.parameters())
     with pytest.raises(ValueError, match="unknown base"):
-        C.classifier_guided_eps(unet, torch.zeros(1, 1, 8, 8), torch.zeros(1), labels[:1], 1.0, classifier=clf,
+        G.classifier_guided_eps(unet, torch.zeros(1, 1, 8, 8), torch.zeros(1), labels[:1], 1.0, classifier=clf,
                                 base="conditional")
 
 
@@ -227,15 +228,18 @@ def trained(tmp_path_factory):
 def test_script_writes_a_checkpoint_that_loads(trained):
     out, proc = trained
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]  # no temporary files left
-    clf, ckpt = C.load_classifier(str(out / "ckpt.pt"))
+    clf, ckpt = M.load_model(str(out / "ckpt.pt"))
     assert ckpt["step"] == 20 and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["holdout"] == 20
     assert ckpt["config"] == dataclasses.asdict(C.PRESETS["digits"])
     assert ckpt["bands"] == [list(b) for b in C.BANDS]
     assert len(ckpt["band_accuracy"]) == len(C.BANDS) and all(0 <= a <= 1 for a in ckpt["band_accuracy"])
     assert not clf.training and clf(torch.zeros(2, 1, 8, 8), torch.zeros(2)).shape == (2, 10)
-    trained_weights = C.classifier_from_checkpoint(ckpt, "model").state_dict()
+    trained_weights = M.model_from_checkpoint(ckpt, "model").state_dict()
     assert any(not torch.equal(v, trained_weights[k]) for k, v in clf.state_dict().items())  # EMA ≠ raw weights
     assert sum("λ in [" in line for line in proc.stdout.splitlines()) == len(C.BANDS)
+    assert ckpt["network"] == "classifier" and isinstance(clf, M.NoisyClassifier)
+    older = {k: v for k, v in ckpt.items() if k != "network"}  # written before checkpoints named their network
+    assert M.network_kind(older) == "classifier" and isinstance(M.model_from_checkpoint(older), M.NoisyClassifier)
     assert "200), held out" in proc.stdout  # 20 held-out digits per class
 
 
@@ -274,12 +278,12 @@ def ckpts(tmp_path_factory, trained):
     state = unet.state_dict()
     M.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(unet.config),
                        "args": {"dataset": "digits"}}, str(d / "diffusion.pt"))
-    good = C.load_classifier(str(trained[0] / "ckpt.pt"))[1]
+    good = M.load_model(str(trained[0] / "ckpt.pt"))[1]
     M.save_checkpoint(good, str(d / "clf.pt"))
     M.save_checkpoint({**good, "args": {**good["args"], "dataset": "mnist"}}, str(d / "clf_mnist.pt"))
     for name, change in [("size", dict(image_size=28)), ("channels", dict(in_channels=3)), ("classes", dict(num_classes=5))]:
         config = dataclasses.replace(C.PRESETS["digits"], **change)
-        state = C.NoisyClassifier(config).state_dict()
+        state = M.NoisyClassifier(config).state_dict()
         M.save_checkpoint({**good, "config": dataclasses.asdict(config), "model": state, "ema": state},
                           str(d / f"clf_{name}.pt"))
     M.save_checkpoint({"model": state, "config": {"in_channels": 1}}, str(d / "no_ema.pt"))  # as metrics.py writes
@@ -287,17 +291,19 @@ def ckpts(tmp_path_factory, trained):
     return d
 
 
-CLF = ["--guidance", "classifier", "--classifier-ckpt"]
+CLF = ["--guidance", "classifier", "--guide-ckpt"]
 BAD_SAMPLE = [
-    (["--guidance", "classifier"], "needs --classifier-ckpt"),
-    (["--classifier-ckpt", "{d}/clf.pt"], "go with --guidance classifier"),
-    (["--classifier-base", "cond"], "go with --guidance classifier"),
-    (CLF + ["{d}/clf.pt", "--classifier-base", "both"], "invalid choice"),
+    (["--guidance", "classifier"], "needs --guide-ckpt with a NoisyClassifier (classifier.py), got nothing"),
+    (["--guide-ckpt", "{d}/clf.pt"], "--guide-ckpt goes with a rule that takes a second network"),
+    (["-p", "base=cond"], "--guidance cfg takes no parameters"),
+    (CLF + ["{d}/clf.pt", "-p", "base=both"], "unknown base 'both'"),
     (["--guidance", "classifier-free"], "invalid choice"),
-    (CLF + ["{d}/missing.pt"], "no classifier checkpoint"),
+    (CLF + ["{d}/missing.pt"], "no checkpoint"),
     (CLF + ["{d}/garbage.pt"], "not a readable checkpoint"),
     (CLF + ["{d}/no_ema.pt"], "no 'config' or 'ema'"),
-    (CLF + ["{d}/diffusion.pt"], "not a noise-conditional classifier"),
+    (CLF + ["{d}/diffusion.pt"], "needs --guide-ckpt with a NoisyClassifier (classifier.py), got UNet"),
+    (["--guidance", "autoguidance", "--guide-ckpt", "{d}/clf.pt"], "with a UNet (train.py), got NoisyClassifier"),
+    (["--ckpt", "{d}/clf.pt"], "is a NoisyClassifier, not a diffusion model"),
     (CLF + ["{d}/clf_mnist.pt"], "has dataset 'mnist' but"),
     (CLF + ["{d}/clf_size.pt"], "has image size 28 but"),
     (CLF + ["{d}/clf_channels.pt"], "has channels 3 but"),
@@ -314,7 +320,7 @@ def test_sample_bad_classifier_input_exits_2_with_one_line(ckpts, tmp_path, caps
 
 
 def test_sample_cli_classifier_guidance_end_to_end(ckpts, tmp_path):
-    """From the shell: grid and npz written. In-process: each --classifier-base gives exactly the images of
+    """From the shell: grid and npz written. In-process: each base gives exactly the images of
     sample() with classifier_guided_eps and that base (the same per-image seeds), and the cases where
     classifier guidance reduces to the model (cond base at w = 0, uncond base at w = −1) match --guidance cfg."""
     common = ["--ckpt", f"{ckpts}/diffusion.pt", "--classes", "0,3,8", "--n-per-class", "2", "--steps", "3",
@@ -331,17 +337,17 @@ def test_sample_cli_classifier_guidance_end_to_end(ckpts, tmp_path):
         return np.load(tmp_path / f"{name}.npz")["images"]
 
     unet = M.model_from_checkpoint(M.load_checkpoint(f"{ckpts}/diffusion.pt")).eval()
-    clf = C.load_classifier(f"{ckpts}/clf.pt")[0]
+    clf = M.load_model(f"{ckpts}/clf.pt")[0]
     labels = torch.tensor([0, 0, 3, 3, 8, 8] * 2)
     seeds = [int(np.random.SeedSequence([5, c, j]).generate_state(1)[0]) for c in (0, 3, 8) for j in (0, 1)] * 2
     for base in ("uncond", "cond"):
         w = torch.tensor([0.5] * 6 + [3.0] * 6)
-        x = SM.sample(unet, labels, w, 3, "ddim", guidance=functools.partial(C.classifier_guided_eps, classifier=clf,
+        x = SM.sample(unet, labels, w, 3, "ddim", guidance=functools.partial(G.classifier_guided_eps, classifier=clf,
                                                                              base=base),
                       generator=[torch.Generator().manual_seed(s) for s in seeds])
         ours = SM.to_uint8(x).permute(0, 2, 3, 1).numpy()
-        assert np.array_equal(cli(base, *CLF, f"{ckpts}/clf.pt", "--classifier-base", base, "--w", "0.5", "3"), ours)
-    assert np.array_equal(cli("c0", *CLF, f"{ckpts}/clf.pt", "--classifier-base", "cond", "--w", "0"),
+        assert np.array_equal(cli(base, *CLF, f"{ckpts}/clf.pt", "-p", f"base={base}", "--w", "0.5", "3"), ours)
+    assert np.array_equal(cli("c0", *CLF, f"{ckpts}/clf.pt", "-p", "base=cond", "--w", "0"),
                           cli("f0", "--w", "0"))  # both are ε_θ(z, c), one pass
     u1, f1 = cli("u1", *CLF, f"{ckpts}/clf.pt", "--w", "-1"), cli("f1", "--w", "-1")  # both ε_θ(z): B vs one 2B batch
     assert np.abs(u1.astype(int) - f1.astype(int)).max() <= 1

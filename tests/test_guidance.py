@@ -1,4 +1,5 @@
-"""guidance.py (the rules after the paper) and dynamic thresholding, against independent references.
+"""guidance.py (the rules after the paper; the paper's and classifier guidance are tested in test_sample.py and
+test_classifier.py) and dynamic thresholding, against independent references.
 
 - Every rule against a float64 numpy evaluation of its published formula, written here from the papers (never by
   calling guidance.py), on a float64 stand-in network with random per-label weights (TableEps): the guidance
@@ -8,16 +9,19 @@
   at the λ_t of the schedule computed here in numpy.
 - w = 0: every rule is the conditional model (the same single pass); CFG++ is the stated exception (its x̃ is the
   conditional one, its re-noising ε is not).
-- APG's parallel and orthogonal parts are orthogonal and sum to the difference; a reused APG instance is refused.
+- APG's parallel and orthogonal parts are orthogonal and sum to the difference; its momentum lives in the run's state
+  (one bound rule gives the same images run after run), and without a state dict it is refused.
 - CFG++ at γ = 0 (w = −1) is DDIM on the unconditional model, run through sample() both ways.
 - Dynamic thresholding against numpy's percentile; sample()'s clip_x option.
 - Every rule with every sampler it supports on a tiny random-weight U-Net; the command line end to end for each rule
-  (images equal to the library call with the same seeds) and a table of bad inputs (one line, exit code 2).
+  (images equal to the library call with the same seeds) and a table of bad inputs (one line, exit code 2), each
+  rule's parameter check the same from Python and from the command line.
 """
 import dataclasses
 import functools
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -82,7 +86,8 @@ def close(a, b, tol=1e-10):
 # ---------------------------------------------------------------- each rule against its formula
 
 
-def test_interval_against_its_formula_in_one_batch_or_one_pass():
+def test_interval_against_its_formula_in_one_batch_or_one_pass(monkeypatch):
+    monkeypatch.setitem(G.ONE_BATCH, "cpu", True)  # the paper's one batch of 2B (the device's way is tested in test_sample)
     net, (z, logsnr, labels) = TableEps(), inputs()
     eps_c, eps_u, _, _ = evals(net, z, logsnr, labels)
     lo, hi = -1.0, 2.0  # rows 1, 2, 3 inside (the ends included), rows 0 and 4 outside
@@ -97,12 +102,13 @@ def test_interval_against_its_formula_in_one_batch_or_one_pass():
     assert torch.equal(got, net(z, logsnr, labels)) and net.calls[0] == (5, labels.tolist())
 
 
-@pytest.mark.parametrize("sampler", list(SM.DEFAULTS))
-def test_interval_rule_calls_the_network_once_per_step_outside_the_interval(sampler):
+@pytest.mark.parametrize("sampler", list(SM.SAMPLERS))
+def test_interval_rule_calls_the_network_once_per_step_outside_the_interval(sampler, monkeypatch):
     """The whole sampler: at each λ_t (the schedule written here in numpy) one pass of B outside [λ_lo, λ_hi], one
     batch of 2B inside. The interval is chosen to split the grid of either spacing."""
+    monkeypatch.setitem(G.ONE_BATCH, "cpu", True)
     net, T, B = TableEps(), 16, 3
-    spacing = SM.DEFAULTS[sampler]["spacing"]
+    spacing = SM.SAMPLERS[sampler]["spacing"]
     grid = logsnr_grid(T) if spacing == "cosine" else np.linspace(-20, 20, T)
     rule = functools.partial(G.interval_guided_eps, logsnr_lo=-3.0, logsnr_hi=4.0)
     SM.sample(net, torch.tensor([0, 1, 2]), 2.0, steps=T, sampler=sampler, guidance=rule, shape=(2, 3, 3),
@@ -163,7 +169,7 @@ def apg_reference(calls, eta, r, beta, w):
 def test_apg_against_its_formula_over_a_run():
     """Four calls at increasing λ, new z each time: momentum, norm threshold (r chosen so that it cuts some rows
     and not others) and projection, against the numpy reference."""
-    net, apg, eta, beta = TableEps(), None, 0.3, -0.5
+    net, eta, beta = TableEps(), 0.3, -0.5
     steps = [inputs(seed=s, logsnr=tuple(lam + 0.5 * k for lam in (-3.0, -1.0, 0.0, 1.0, 3.0)))
              for k, s in enumerate(range(4))]
     first = evals(net, *steps[0])
@@ -172,13 +178,13 @@ def test_apg_against_its_formula_over_a_run():
     r = float(np.median(norms))  # about half the rows are cut at the first step
     assert (norms > r).any() and (norms < r).any()
     ref = apg_reference([(*evals(net, *s)[:2], s[0].numpy(), *evals(net, *s)[2:]) for s in steps], eta, r, beta, Wn)
-    apg = G.APG(eta=eta, r=r, beta=beta)
+    state = {}  # one run's
     for (z, logsnr, labels), eps_ref in zip(steps, ref):
-        close(apg(net, z, logsnr, labels, W), eps_ref, 1e-9)
+        close(G.apg_eps(net, z, logsnr, labels, W, state, eta=eta, r=r, beta=beta), eps_ref, 1e-9)
     # η = 1, no threshold, no momentum: CFG itself
     z, logsnr, labels = steps[0]
-    close(G.APG(eta=1.0, r=math.inf, beta=0.0)(net, z, logsnr, labels, W),
-          SM.guided_eps(net, z, logsnr, labels, W).numpy(), 1e-9)
+    close(G.apg_eps(net, z, logsnr, labels, W, {}, eta=1.0, r=math.inf, beta=0.0),
+          G.guided_eps(net, z, logsnr, labels, W).numpy(), 1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -197,23 +203,55 @@ def test_apg_parts_are_orthogonal_and_sum_to_the_difference(dtype):
     assert flat(orthogonal).norm(dim=1).min() > 1 and flat(parallel).norm(dim=1).min() > 0.1  # both parts there
 
 
-def test_apg_instance_belongs_to_one_run():
+def test_apg_momentum_belongs_to_one_run():
+    """sample() gives the rule a fresh state per run: the same bound APG twice gives the same images, and they are
+    not those of APG without momentum (so the momentum was carried from step to step within the run)."""
     net, labels = TableEps(), torch.tensor([0, 1])
     run = lambda rule: SM.sample(net, labels, 2.0, steps=4, sampler="ddim", guidance=rule, shape=(2, 3, 3),
                                  generator=torch.Generator().manual_seed(0))
-    apg = G.APG()
-    first = run(apg)
-    with pytest.raises(ValueError, match="fresh APG"):
-        run(apg)
-    assert torch.equal(run(G.APG()), first)  # a fresh instance repeats the first run exactly
+    rule = functools.partial(G.apg_eps, r=math.inf)
+    first = run(rule)
+    assert torch.equal(run(rule), first)
+    assert (run(functools.partial(G.apg_eps, r=math.inf, beta=0.0)) - first).abs().max() > 1e-3
+    z, logsnr, labels = inputs()
+    with pytest.raises(ValueError, match="state"):
+        G.apg_eps(net, z, logsnr, labels, 2.0)
+
+
+PARAMS_BAD = [  # (rule, its keyword parameters, a word the ValueError must contain): the rule's own check
+    (G.interval_guided_eps, dict(logsnr_lo=3.0, logsnr_hi=1.0), "logsnr_lo < logsnr_hi"),
+    (G.interval_guided_eps, dict(logsnr_lo=0.0, logsnr_hi=math.nan), "finite"),
+    (G.rescaled_guided_eps, dict(phi=1.5), "[0, 1]"),
+    (G.rescaled_guided_eps, dict(phi=math.nan), "[0, 1]"),
+    (G.apg_eps, dict(eta=5.0), "[0, 1]"),
+    (G.apg_eps, dict(r=0.0), "positive"),
+    (G.apg_eps, dict(r=math.nan), "positive"),
+    (G.apg_eps, dict(beta=1.0), "(-1, 1)"),
+    (G.classifier_guided_eps, dict(classifier=None, base="both"), "unknown base"),
+]
+
+
+@pytest.mark.parametrize("rule,params,word", PARAMS_BAD, ids=[f"{r.__name__} {p}" for r, p, _ in PARAMS_BAD])
+def test_each_rule_checks_its_own_parameters(rule, params, word):
+    net, (z, logsnr, labels) = TableEps(), inputs()
+    with pytest.raises(ValueError, match=re.escape(word)):
+        rule(net, z, logsnr, labels, 2.0, {}, **params)
+
+
+def test_cfgpp_checks_its_w():
+    net, (z, logsnr, labels) = TableEps(), inputs()
+    for bad in (0.5, torch.tensor([-0.5, -1.5, 0.0, 0.0, 0.0])):  # γ = 1 + w outside [0, 1]
+        with pytest.raises(ValueError, match=re.escape("in [-1, 0]")):
+            G.cfgpp_eps(net, z, logsnr, labels, bad)
 
 
 def test_cfgpp_pair_against_its_formula():
     """CFG++'s ε̂ = ε_∅ + γ (ε_c − ε_∅) with γ = 1 + w for x̃, and ε_∅ to re-noise with."""
     net, (z, logsnr, labels) = TableEps(), inputs()
     eps_c, eps_u, _, _ = evals(net, z, logsnr, labels)
-    gamma = 1 + Wn
-    eps_x, eps_renoise = G.cfgpp_eps(net, z, logsnr, labels, W)
+    w = torch.tensor([0.0, -0.2, -0.5, -0.8, -1.0], dtype=torch.float64)  # CFG++'s range: γ = 1 + w in [0, 1]
+    gamma = 1 + w.numpy().reshape(-1, 1, 1, 1)
+    eps_x, eps_renoise = G.cfgpp_eps(net, z, logsnr, labels, w)
     close(eps_x, eps_u + gamma * (eps_c - eps_u))
     close(eps_renoise, eps_u)
 
@@ -242,8 +280,8 @@ def test_cfgpp_at_gamma_0_is_ddim_on_the_unconditional_model(float64_default):
     for spacing in ("cosine", "uniform"):
         run = lambda rule, w: SM.sample(net, labels, w, steps=12, sampler="ddim", spacing=spacing, guidance=rule,
                                         clip_x=False, shape=(2, 3, 3), generator=torch.Generator().manual_seed(2))
-        close(run(G.cfgpp_eps, -1.0), run(SM.guided_eps, -1.0).numpy(), 1e-9)
-        assert (run(G.cfgpp_eps, 0.0) - run(SM.guided_eps, 0.0)).abs().max() > 1e-2
+        close(run(G.cfgpp_eps, -1.0), run(G.guided_eps, -1.0).numpy(), 1e-9)
+        assert (run(G.cfgpp_eps, 0.0) - run(G.guided_eps, 0.0)).abs().max() > 1e-2
 
 
 def test_cfgpp_gamma_0_on_the_unet():
@@ -253,7 +291,7 @@ def test_cfgpp_gamma_0_on_the_unet():
     labels = torch.tensor([1, 5, 9])
     run = lambda rule: SM.sample(unet, labels, -1.0, steps=6, sampler="ddim", guidance=rule, clip_x=False,
                                  generator=torch.Generator().manual_seed(4))
-    x_cfgpp, x_ddim = run(G.cfgpp_eps), run(SM.guided_eps)  # unclipped random weights: |x̃| up to 1e5
+    x_cfgpp, x_ddim = run(G.cfgpp_eps), run(G.guided_eps)  # unclipped random weights: |x̃| up to 1e5
     assert (x_cfgpp - x_ddim).abs().max() <= 1e-5 * x_ddim.abs().max()
 
 
@@ -267,22 +305,22 @@ def test_w0_every_rule_is_the_conditional_model():
     net, (z, logsnr, labels) = TableEps(), inputs()
     rules = {"interval (inside)": functools.partial(G.interval_guided_eps, logsnr_lo=-10.0, logsnr_hi=10.0),
              "autoguidance": functools.partial(G.autoguided_eps, guide=TableEps(seed=7)),
-             "rescale": G.rescaled_guided_eps, "apg": G.APG}
+             "rescale": G.rescaled_guided_eps, "apg": G.apg_eps}
     eps_c = net(z, logsnr, labels)
     for name, rule in rules.items():
         for w in (0.0, torch.zeros(5, dtype=torch.float64)):
             net.calls = []
-            got = (rule() if rule is G.APG else rule)(net, z, logsnr, labels, w)
+            got = rule(net, z, logsnr, labels, w, {})
             assert torch.equal(got, eps_c) and net.calls == [(5, labels.tolist())], name
-        for sampler in SM.DEFAULTS:
+        for sampler in SM.SAMPLERS:
             run = lambda rule: SM.sample(net, labels[:3], 0.0, steps=5, sampler=sampler, guidance=rule,
                                          shape=(2, 3, 3), generator=torch.Generator().manual_seed(1))
-            assert torch.equal(run(rule() if rule is G.APG else rule), run(SM.guided_eps)), (name, sampler)
+            assert torch.equal(run(rule), run(G.guided_eps)), (name, sampler)
     eps_x, eps_renoise = G.cfgpp_eps(net, z, logsnr, labels, 0.0)
     assert torch.equal(eps_x, eps_c) and not torch.allclose(eps_renoise, eps_c)
     # Rows with w = 0 inside a guided batch are the conditional model too (up to the rounding of the conversions).
     for name, rule in rules.items():
-        got = (rule() if rule is G.APG else rule)(net, z, logsnr, labels, W)
+        got = rule(net, z, logsnr, labels, W, {})
         close(got[0], eps_c[0].numpy(), 1e-9)
 
 
@@ -310,9 +348,9 @@ def test_dynamic_threshold_against_numpy_percentile(p, dtype):
 def test_sample_takes_dynamic_thresholding_as_its_clip():
     """One step from λ_min with ε̃ = 0: the output is dynamic_threshold(z_1/α) of sample()'s first draw (numpy
     reference); clip_x=True stays the fixed clip; bad clip_x values are refused."""
-    zero = lambda model, z, logsnr, labels, w: torch.zeros_like(z)
+    zero = lambda model, z, logsnr, labels, w, state: torch.zeros_like(z)
     labels = torch.zeros(4, dtype=torch.long)
-    for sampler in SM.DEFAULTS:
+    for sampler in SM.SAMPLERS:
         run = lambda clip: SM.sample(None, labels, 0.0, steps=1, sampler=sampler, guidance=zero, shape=(1, 6, 6),
                                      clip_x=clip, generator=torch.Generator().manual_seed(3))
         z = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(3)).double().numpy()
@@ -339,10 +377,10 @@ def tiny_unet(seed, **change):
 
 
 RULES = {  # name -> (a factory of the rule, the samplers it is defined with)
-    "interval": (lambda: functools.partial(G.interval_guided_eps, logsnr_lo=-2.0, logsnr_hi=3.0), list(SM.DEFAULTS)),
-    "autoguidance": (lambda: functools.partial(G.autoguided_eps, guide=tiny_unet(9, channels=16)), list(SM.DEFAULTS)),
-    "rescale": (lambda: G.rescaled_guided_eps, list(SM.DEFAULTS)),
-    "apg": (lambda: G.APG(), list(SM.DEFAULTS)),
+    "interval": (lambda: functools.partial(G.interval_guided_eps, logsnr_lo=-2.0, logsnr_hi=3.0), list(SM.SAMPLERS)),
+    "autoguidance": (lambda: functools.partial(G.autoguided_eps, guide=tiny_unet(9, channels=16)), list(SM.SAMPLERS)),
+    "rescale": (lambda: G.rescaled_guided_eps, list(SM.SAMPLERS)),
+    "apg": (lambda: G.apg_eps, list(SM.SAMPLERS)),
     "cfgpp": (lambda: G.cfgpp_eps, ["ddim"]),
 }
 
@@ -351,17 +389,17 @@ RULES = {  # name -> (a factory of the rule, the samplers it is defined with)
 def test_every_rule_runs_with_every_sampler_it_supports(name):
     unet, (factory, samplers) = tiny_unet(0), RULES[name]
     labels, w = torch.tensor([1, 7, 3]), torch.tensor([0.0, 2.0, -1.0] if name != "cfgpp" else [0.0, -0.4, -1.0])
-    for sampler in SM.DEFAULTS:
+    for sampler in SM.SAMPLERS:
         run = lambda rule, clip=True: SM.sample(unet, labels, w, steps=4, sampler=sampler, guidance=rule, clip_x=clip,
                                                 generator=torch.Generator().manual_seed(0))
         if sampler not in samplers:
-            with pytest.raises(ValueError, match="only sampler 'ddim'"):
+            with pytest.raises(ValueError, match="only these samplers take: ddim"):
                 run(factory())
             continue
         for clip in (True, False, 0.995):
             x = run(factory(), clip)
             assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
-        assert (x - run(SM.guided_eps, 0.995))[1].abs().max() > 1e-3  # the rule changed the guided row
+        assert (x - run(G.guided_eps, 0.995))[1].abs().max() > 1e-3  # the rule changed the guided row
 
 
 # ---------------------------------------------------------------- the command line
@@ -407,17 +445,17 @@ def guide_from(ckpts):
 
 
 CLI = {  # name -> (flags, library rule factory, w rows, sampler)
-    "interval": (["--guidance", "interval", "--interval", "-2", "3", "--w", "0", "2"],
+    "interval": (["--guidance", "interval", "-p", "logsnr_lo=-2", "logsnr_hi=3", "--w", "0", "2"],
                  lambda ckpts: functools.partial(G.interval_guided_eps, logsnr_lo=-2.0, logsnr_hi=3.0), [0.0, 2.0],
                  "ddim"),
     "interval-default": (["--guidance", "interval", "--w", "2"], lambda ckpts: G.interval_guided_eps, [2.0], "ddim"),
     "autoguidance": (["--guidance", "autoguidance", "--guide-ckpt", "{d}/guide.pt", "--w", "0", "2"],
                      lambda ckpts: functools.partial(G.autoguided_eps, guide=guide_from(ckpts)), [0.0, 2.0], "ddim"),
-    "rescale": (["--guidance", "rescale", "--rescale-phi", "0.5", "--w", "3", "--sampler", "dpmpp2m"],
+    "rescale": (["--guidance", "rescale", "--guidance-param", "phi=0.5", "--w", "3"],
                 lambda ckpts: functools.partial(G.rescaled_guided_eps, phi=0.5), [3.0], "dpmpp2m"),
-    "apg": (["--guidance", "apg", "--apg-eta", "0.5", "--apg-r", "4", "--apg-beta", "-0.5", "--w", "0", "3",
-             "--sampler", "ancestral"], lambda ckpts: G.APG(0.5, 4.0, -0.5), [0.0, 3.0], "ancestral"),
-    "cfgpp": (["--guidance", "cfgpp", "--cfgpp-gamma", "0", "0.6"], lambda ckpts: G.cfgpp_eps, [-1.0, 0.6 - 1], "ddim"),
+    "apg": (["--guidance", "apg", "-p", "eta=0.5", "r=4", "beta=-0.5", "--w", "0", "3"],
+            lambda ckpts: functools.partial(G.apg_eps, eta=0.5, r=4.0, beta=-0.5), [0.0, 3.0], "ancestral"),
+    "cfgpp": (["--guidance", "cfgpp", "--w", "-1", "-0.4"], lambda ckpts: G.cfgpp_eps, [-1.0, -0.4], "ddim"),
 }
 
 
@@ -426,9 +464,8 @@ def test_cli_each_rule_end_to_end(ckpts, tmp_path, name):
     """In-process main(): the npz holds exactly the images of the library call with the same per-image seeds."""
     flags, factory, ws, sampler = CLI[name]
     args = ["--ckpt", f"{ckpts}/main.pt", "--classes", ",".join(map(str, CLASSES)), "--n-per-class", str(N),
-            "--steps", "3", "--seed", str(SEED), "--out", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz")]
-    if "--sampler" not in flags and name != "cfgpp":
-        args += ["--sampler", sampler]
+            "--steps", "3", "--seed", str(SEED), "--out", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz"),
+            "--sampler", sampler]
     SM.main(args + [f.format(d=ckpts) for f in flags])
     data = np.load(tmp_path / "a.npz")
     assert np.allclose(data["w"], np.repeat(ws, len(CLASSES) * N))
@@ -436,11 +473,11 @@ def test_cli_each_rule_end_to_end(ckpts, tmp_path, name):
 
 
 def test_cli_from_the_shell_apg_in_batches_with_dynamic_thresholding(ckpts, tmp_path):
-    """A real process: exit 0 and a grid. APG's state is made per batch: --batch-size 5 (3 batches) gives the images
-    of one batch of 12 (a momentum leaked from one batch into the next would change them, or be refused), and those
-    are the library's with a fresh APG and clip_x=0.995."""
+    """A real process: exit 0 and a grid. APG's momentum is per run: --batch-size 5 (3 batches) gives the images
+    of one batch of 12 (a momentum leaked from one batch into the next would change them), and those are the
+    library's with clip_x=0.995."""
     common = ["sample.py", "--ckpt", f"{ckpts}/main.pt", "--classes", "0,3,8", "--n-per-class", "2", "--steps", "4",
-              "--seed", "5", "--guidance", "apg", "--w", "0", "3", "--dynamic-threshold", "0.995", "--sampler", "ddim"]
+              "--seed", "5", "--guidance", "apg", "--w", "0", "3", "--clip", "0.995", "--sampler", "ddim"]
     proc = subprocess.run([sys.executable, *common, "--batch-size", "5", "--out", str(tmp_path / "a.png"),
                            "--npz", str(tmp_path / "a.npz")], cwd=REPO, capture_output=True, text=True, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
@@ -448,17 +485,19 @@ def test_cli_from_the_shell_apg_in_batches_with_dynamic_thresholding(ckpts, tmp_
     SM.main(common[1:] + ["--batch-size", "64", "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")])
     a, b = (np.load(tmp_path / f"{k}.npz")["images"].astype(int) for k in "ab")
     assert np.abs(a - b).max() <= 1  # batch size changes float rounding only (as tests/test_sample.py)
-    assert np.array_equal(b, library_images(ckpts, G.APG, [0.0, 3.0], "ddim", clip_x=0.995, steps=4))
+    assert np.array_equal(b, library_images(ckpts, lambda: G.apg_eps, [0.0, 3.0], "ddim", clip_x=0.995, steps=4))
 
 
 AUTO = ["--guidance", "autoguidance", "--guide-ckpt"]
 BAD = [  # (arguments, a word the message must contain)
-    (["--guidance", "interval", "--interval", "3", "1"], "LO < HI"),
-    (["--guidance", "interval", "--interval", "0", "nan"], "LO < HI"),
-    (["--guidance", "interval", "--interval", "1"], "expected 2 arguments"),
-    (["--interval", "-1", "2"], "goes with --guidance interval"),
-    (["--guidance", "autoguidance"], "needs --guide-ckpt"),
-    (["--guide-ckpt", "{d}/guide.pt"], "goes with --guidance autoguidance"),
+    (["--guidance", "interval", "-p", "logsnr_lo=3", "logsnr_hi=1"], "logsnr_lo < logsnr_hi"),
+    (["--guidance", "interval", "-p", "logsnr_lo=0", "logsnr_hi=nan"], "finite"),
+    (["--guidance", "interval", "-p", "logsnr_lo"], "takes logsnr_lo=VALUE, logsnr_hi=VALUE"),
+    (["--guidance", "interval", "-p", "lo=1"], "takes logsnr_lo=VALUE, logsnr_hi=VALUE"),
+    (["--guidance", "interval", "-p", "logsnr_lo=low"], "is not a float"),
+    (["--guidance", "autoguidance"], "needs --guide-ckpt with a UNet"),
+    (["--guide-ckpt", "{d}/guide.pt"], "--guide-ckpt goes with a rule that takes a second network"),
+    (["--guidance", "rescale", "--guide-ckpt", "{d}/guide.pt"], "--guide-ckpt goes with"),
     (AUTO + ["{d}/missing.pt"], "no checkpoint"),
     (AUTO + ["{d}/garbage.pt"], "not a readable checkpoint"),
     (AUTO + ["{d}/guide_unfit.pt"], "do not fit"),
@@ -466,26 +505,19 @@ BAD = [  # (arguments, a word the message must contain)
     (AUTO + ["{d}/guide_size.pt"], "has image size 16 but"),
     (AUTO + ["{d}/guide_channels.pt"], "has channels 3 but"),
     (AUTO + ["{d}/guide_classes.pt"], "has number of classes 5 but"),
-    (["--guidance", "rescale", "--rescale-phi", "1.5"], "--rescale-phi"),
-    (["--guidance", "rescale", "--rescale-phi", "nan"], "--rescale-phi"),
-    (["--rescale-phi", "0.5"], "goes with --guidance rescale"),
-    (["--guidance", "apg", "--apg-eta", "-0.1"], "--apg-eta"),
-    (["--guidance", "apg", "--apg-r", "0"], "must be positive"),
-    (["--guidance", "apg", "--apg-r", "nan"], "must be positive"),
-    (["--guidance", "apg", "--apg-beta", "1"], "--apg-beta"),
-    (["--apg-beta", "-0.5"], "go with --guidance apg"),
-    (["--guidance", "cfgpp", "--cfgpp-gamma", "1.5"], "[0, 1]"),
-    (["--guidance", "cfgpp", "--cfgpp-gamma", "-0.1", "0.5"], "[0, 1]"),
-    (["--guidance", "cfgpp", "--cfgpp-gamma", "x"], "invalid float"),
-    (["--guidance", "cfgpp", "--w", "1"], "not --w"),
-    (["--guidance", "cfgpp", "--sampler", "ancestral"], "DDIM step"),
-    (["--cfgpp-gamma", "0.5"], "goes with --guidance cfgpp"),
-    (["--guidance", "classifier", "--rescale-phi", "0.5"], "goes with --guidance rescale"),
+    (["--guidance", "rescale", "-p", "phi=1.5"], "phi = 1.5 is outside [0, 1]"),
+    (["--guidance", "rescale", "-p", "phi=nan"], "outside [0, 1]"),
+    (["-p", "phi=0.5"], "--guidance cfg takes no parameters"),
+    (["--guidance", "apg", "-p", "eta=-0.1"], "eta = -0.1 is outside [0, 1]"),
+    (["--guidance", "apg", "-p", "r=0"], "must be positive"),
+    (["--guidance", "apg", "-p", "r=nan"], "must be positive"),
+    (["--guidance", "apg", "-p", "beta=1"], "outside (-1, 1)"),
+    (["--guidance", "cfgpp", "--w", "1.5", "--sampler", "ddim"], "in [-1, 0]"),
+    (["--guidance", "cfgpp", "--w", "-0.5"], "only these samplers take: ddim"),
+    (["--guidance", "classifier", "-p", "phi=0.5"], "--guidance classifier takes base=VALUE"),
     (["--guidance", "apgg"], "invalid choice"),
-    (["--dynamic-threshold", "0"], "(0, 1]"),
-    (["--dynamic-threshold", "1.5"], "(0, 1]"),
-    (["--dynamic-threshold", "0.995", "--no-clip"], "replaces the fixed clip"),
-    (["--dynamic-threshold", "0.995", "--clip"], "replaces the fixed clip"),
+    (["--clip", "1.5"], "percentile p in (0, 1]"),
+    (["--clip", "nan"], "percentile p in (0, 1]"),
 ]
 
 

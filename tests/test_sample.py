@@ -22,6 +22,7 @@ import torch
 from matplotlib.image import imread
 from scipy.integrate import solve_ivp
 
+import guidance as G
 import model as M
 from conftest import assert_one_line_exit_2
 import sample as SM
@@ -60,8 +61,8 @@ def test_w0_is_the_conditional_model_and_w_minus1_the_unconditional(unet):
     eps_cond = unet(z, logsnr, labels)
     eps_uncond = unet(z, logsnr, torch.full_like(labels, unet.null_label))
     assert (eps_cond - eps_uncond).abs().max() > 1e-2  # the label matters, so the test can fail
-    assert torch.equal(SM.guided_eps(unet, z, logsnr, labels, 0.0), eps_cond)  # the same single pass
-    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, -1.0), eps_uncond, rtol=0, atol=1e-6)
+    assert torch.equal(G.guided_eps(unet, z, logsnr, labels, 0.0), eps_cond)  # the same single pass
+    assert torch.allclose(G.guided_eps(unet, z, logsnr, labels, -1.0), eps_uncond, rtol=0, atol=1e-6)
 
 
 def test_guided_eps_equals_two_separate_evaluations(unet):
@@ -72,9 +73,9 @@ def test_guided_eps_equals_two_separate_evaluations(unet):
     eps_uncond = unet(z, logsnr, torch.full_like(labels, unet.null_label)).double()
     w = torch.tensor([0.0, -1.0, 0.3, 1.0, 4.0, -2.5])
     ref = (1 + w.double()[:, None, None, None]) * eps_cond - w.double()[:, None, None, None] * eps_uncond
-    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, w).double(), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(G.guided_eps(unet, z, logsnr, labels, w).double(), ref, rtol=0, atol=1e-5)
     ref = 3.0 * eps_cond - 2.0 * eps_uncond
-    assert torch.allclose(SM.guided_eps(unet, z, logsnr, labels, 2.0).double(), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(G.guided_eps(unet, z, logsnr, labels, 2.0).double(), ref, rtol=0, atol=1e-5)
 
 
 class RecordingStub(torch.nn.Module):
@@ -92,18 +93,22 @@ class RecordingStub(torch.nn.Module):
         return labels.to(z.dtype).reshape(-1, *[1] * (z.ndim - 1)) + z
 
 
-def test_w0_runs_one_B_pass_and_guidance_one_2B_batch():
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one batch of 2B", "two passes of B"])
+def test_w0_runs_one_B_pass_and_guidance_one_2B_batch(one_batch, monkeypatch):
+    """w = 0: one pass of B. Guidance: ε_θ(z, c) and ε_θ(z, ∅) as one batch of 2B or as two passes of B, as
+    guidance.ONE_BATCH says for the device, with the same ε̃ either way."""
+    monkeypatch.setitem(G.ONE_BATCH, "cpu", one_batch)
     stub, z, labels = RecordingStub(), torch.zeros(3, 2), torch.tensor([1, 2, 3])
-    one_2B = [(6, [1, 2, 3, 7, 7, 7])]
+    guided = [(6, [1, 2, 3, 7, 7, 7])] if one_batch else [(3, [1, 2, 3]), (3, [7, 7, 7])]
     for w, calls in [(0.0, [(3, [1, 2, 3])]), (torch.zeros(3), [(3, [1, 2, 3])]),
-                     (2.0, one_2B), (torch.tensor([0.0, 1.0, 0.0]), one_2B)]:
+                     (2.0, guided), (torch.tensor([0.0, 1.0, 0.0]), guided)]:
         stub.calls = []
-        eps = SM.guided_eps(stub, z, torch.zeros(3), labels, w)
+        eps = G.guided_eps(stub, z, torch.zeros(3), labels, w)
         w = torch.as_tensor(w).reshape(-1, 1)
         assert stub.calls == calls and torch.equal(eps, (1 + w) * labels[:, None] - w * 7 + 0 * z)
-    # The whole sampler, every step kind: T steps, each one pass of B or one of 2B; progress(t, T) after each.
-    for sampler in SM.DEFAULTS:
-        for w, sizes in [(0.0, [3]), (1.5, [6])]:
+    # The whole sampler, every step kind: T steps, each one pass of B or the guided evaluations; progress(t, T).
+    for sampler in SM.SAMPLERS:
+        for w, sizes in [(0.0, [3]), (1.5, [n for n, _ in guided])]:
             stub.calls, seen = [], []
             SM.sample(stub, labels, w, steps=5, sampler=sampler, shape=(2,), clip_x=False,
                       progress=lambda t, T: seen.append((t, T)))
@@ -111,14 +116,15 @@ def test_w0_runs_one_B_pass_and_guidance_one_2B_batch():
 
 
 def test_a_guidance_rule_plugs_into_every_sampler():
-    """sample() calls the rule it is given, with (model, z, λ_t, labels, w), once per step, at the λ_t of
-    the chosen spacing, and uses its ε̃ as Alg. 2 line 4 does."""
-    for sampler in SM.DEFAULTS:
+    """sample() calls the rule it is given, with (model, z, λ_t, labels, w, state), once per step, at the λ_t of
+    the chosen spacing, with one state dict for the whole run, and uses its ε̃ as Alg. 2 line 4 does."""
+    for sampler in SM.SAMPLERS:
         for spacing in ("cosine", "uniform"):
-            seen = []
+            seen, states = [], []
 
-            def rule(model, z, logsnr, labels, w):
+            def rule(model, z, logsnr, labels, w, state):
                 seen.append((model, logsnr.tolist(), labels.tolist(), w))
+                states.append(state)
                 return torch.zeros_like(z)  # ε̃ = 0: x̃ = z / α
 
             x = SM.sample("the model", torch.tensor([4, 2]), 0.5, steps=6, sampler=sampler, spacing=spacing,
@@ -128,6 +134,7 @@ def test_a_guidance_rule_plugs_into_every_sampler():
             assert all(lab == [4, 2] for _, _, lab, _ in seen)
             assert np.allclose([lam for _, lam, _, _ in seen], grid[:, None].expand(6, 2).numpy(), atol=1e-5)
             assert x.shape == (2, 3) and torch.isfinite(x).all()
+            assert states[0] == {} and all(state is states[0] for state in states)
 
 
 # ---------------------------------------------------------------- Gaussian toys with exact ε*
@@ -331,11 +338,11 @@ def guided_flow(toy, z1, labels, w, tol):
 
     def rhs(logsnr, z):
         z = torch.from_numpy(z)[:, None]
-        eps = SM.guided_eps(toy, z, torch.full((n,), logsnr, dtype=torch.float64), labels, w)
+        eps = G.guided_eps(toy, z, torch.full((n,), logsnr, dtype=torch.float64), labels, w)
         return (0.5 * (sigmoid(-logsnr) * z - math.sqrt(sigmoid(-logsnr)) * eps)).flatten().numpy()
     z_end = solve_ivp(rhs, (S.LOGSNR_MIN, S.LOGSNR_MAX), z1.flatten().numpy(), rtol=tol, atol=tol / 10).y[:, -1]
     z_end = torch.from_numpy(z_end)[:, None]
-    eps_end = SM.guided_eps(toy, z_end, torch.full((n,), S.LOGSNR_MAX, dtype=torch.float64), labels, w)
+    eps_end = G.guided_eps(toy, z_end, torch.full((n,), S.LOGSNR_MAX, dtype=torch.float64), labels, w)
     return S.predict_x(z_end, eps_end, S.LOGSNR_MAX)
 
 
@@ -426,7 +433,7 @@ def test_fixed_seed_is_identical_and_different_seeds_differ(unet):
     labels = torch.tensor([0, 3, 7])
     run = lambda seed, sampler: SM.sample(unet, labels, 1.0, steps=4, sampler=sampler,
                                           generator=torch.Generator().manual_seed(seed))
-    for sampler in SM.DEFAULTS:
+    for sampler in SM.SAMPLERS:
         assert torch.equal(run(0, sampler), run(0, sampler))
         assert (run(0, sampler) - run(1, sampler)).abs().max() > 1e-2
     assert SM.sample(unet, labels, 0.0, steps=2).shape == (3, 1, 8, 8)  # shape from model.config
@@ -489,7 +496,8 @@ BAD = [  # (arguments, a word the message must contain)
     (["--n-per-class", "0"], "--n-per-class"),
     (["--batch-size", "0"], "--batch-size"),
     (["--sampler", "euler"], "invalid choice"),
-    (["--spacing", "log"], "invalid choice"),
+    (["--clip", "maybe"], "percentile p in (0, 1]"),
+    (["--clip", "0"], "percentile p in (0, 1]"),
     (["--out", "/nonexistent-dir/samples.png"], "cannot write"),
     (["--npz", "{d}/a_file/samples.npz"], "cannot write"),
     (["--steps", "many"], "invalid int"),

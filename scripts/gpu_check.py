@@ -1,7 +1,7 @@
 """One prepared command that runs every CUDA code path of the project in minutes and brings the figures back.
 
-GPU time for this project is rare and short (minutes, on a machine that reaches no network), so the
-first GPU run must prove all of it with no debugging on the clock (issue 16). Five stages, in order,
+GPU time is often short (minutes, on a machine that may reach no network), so one run must prove every
+CUDA path with no debugging on the clock. Five stages, in order,
 each running the project's own commands as subprocesses, each command with a time limit:
 
   bench     bench.py --device cuda --amp --compile --presets mnist cifar10: training images/s, MFU
@@ -20,7 +20,7 @@ each running the project's own commands as subprocesses, each command with a tim
     python scripts/gpu_check.py OUT_DIR                     # on the GPU: at most --budget 480 s
     python scripts/gpu_check.py OUT_DIR --stages cifar10 resume   # rerun some stages only
     python scripts/gpu_check.py OUT_DIR --no-compile              # bf16 autocast alone: torch.compile's first
-                                                                  # compiles took minutes on the lent H100
+                                                                  # compile of each shape can take minutes
     OMP_NUM_THREADS=1 python scripts/gpu_check.py OUT_DIR --dry-run   # CPU, tiny sizes (tests/test_gpu_check.py)
 
 It writes two files into OUT_DIR: gpu_check.json (the device, torch version, and per stage its
@@ -34,10 +34,8 @@ data files needed), no --amp/--compile (bf16 autocast and compile are the CUDA p
 of NCCL, a handful of steps. Its figures mean nothing; it exists so that the script cannot rot
 between GPU runs.
 
-Fashion-MNIST must be inside the checkout for a GPU run: a device machine gets the working tree (and a
-shared/ folder in it), not ../shared. Before the run, once:
-    mkdir -p shared/data && cp -r ../shared/data/fashion-mnist shared/data/ && echo /shared/ >> .git/info/exclude
-Without it the run stops at once (before any stage) and says so.
+A GPU run needs Fashion-MNIST's four official IDX files: pass their folder with --fashion-dir, or place them
+where the default looks (see --help). Without them the run stops at once (before any stage) and says so.
 """
 import argparse
 import datetime
@@ -67,9 +65,9 @@ PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1"]
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FASHION_DIRS = ("../shared/data/fashion-mnist", "shared/data/fashion-mnist")  # relative to the repo root
+FASHION_DIRS = ("data/fashion-mnist", "data")  # relative to the repo root: where data.py downloads it (--data-dir data)
 
-# What the stages run: on the GPU (the issue's check) and with --dry-run (tiny sizes on a CPU).
+# What the stages run: on the GPU (the real check) and with --dry-run (tiny sizes on a CPU).
 SETTINGS = {
     "gpu": dict(
         device="cuda",
@@ -112,7 +110,7 @@ class Run:
     def __init__(self, args, log):
         self.args, self.log = args, log
         self.settings = dict(SETTINGS["dry" if args.dry_run else "gpu"])
-        if args.no_compile:  # torch.compile's first compile of each shape takes minutes on the lent machine
+        if args.no_compile:  # torch.compile's first compile of each shape can take minutes
             self.settings["speed"] = [flag for flag in self.settings["speed"] if flag != "--compile"]
         self.device = self.settings["device"]
         self.deadline = time.monotonic() + args.budget
@@ -333,9 +331,8 @@ def fashion_dir(args):
                 return place
     if args.fashion_dir:
         raise Failure(f"no Fashion-MNIST files ({', '.join(FASHION_FILES)}) in --fashion-dir {args.fashion_dir}")
-    raise Failure(f"no Fashion-MNIST files in {' or '.join(FASHION_DIRS)} (from the repo root): the device "
-                  "machine gets only the checkout, so copy them in first (mkdir -p shared/data && cp -r "
-                  "../shared/data/fashion-mnist shared/data/) or pass --fashion-dir")
+    raise Failure(f"no Fashion-MNIST files in {' or '.join(FASHION_DIRS)} (from the repo root): download them "
+                  "(python data.py fashion-mnist --data-dir data) or pass --fashion-dir DIR")
 
 
 def fashion_steps(run, settings):
@@ -515,13 +512,13 @@ def parse_args(argv):
                    default=[name for name, _ in STAGES],
                    help="run only these of " + ", ".join(name for name, _ in STAGES) + " (default: all, in that order)")
     p.add_argument("--budget", type=float, default=480, help="seconds for everything; a command still running then "
-                   "is stopped and its stage fails (default 480: the issue's 8 minutes)")
+                   "is stopped and its stage fails (default 480: 8 minutes)")
     p.add_argument("--no-compile", action="store_true",
-                   help="leave out --compile everywhere (bf16 autocast stays): for a lease too short for compiling")
+                   help="leave out --compile everywhere (bf16 autocast stays): when there is no time for compiling")
     p.add_argument("--train-seconds", type=float, default=45,
                    help="about how long the fashion stage trains (its --max-steps comes from bench's images/s)")
     p.add_argument("--fashion-dir", help="Fashion-MNIST's IDX files (default: the first of " +
-                   ", ".join(FASHION_DIRS) + " that holds them; the device machine has only the checkout's)")
+                   ", ".join(FASHION_DIRS) + " that holds them, relative to the repository root)")
     p.add_argument("--work-dir", help="checkpoints, samples, data (default: a temporary folder, removed at the end)")
     p.add_argument("--master-port", type=int, help="torchrun's port (default: a free one for each job)")
     return p.parse_args(argv)

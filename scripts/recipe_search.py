@@ -1,5 +1,5 @@
 """Time-to-quality search for the 28×28 presets: which network and training settings give the best
-samples per minute of CPU training (README, "A recipe for CPU minutes").
+samples per minute of CPU training (docs/results.md, "A recipe for CPU minutes").
 
 Each candidate is a U-Net config (model.UNetConfig) and train.py flags. `train` trains it with train.py
 itself, with model.PRESETS[dataset] replaced by the candidate's config in that process, in segments
@@ -13,13 +13,17 @@ milliseconds per training step in one process with this process's threads (run i
 and `report` prints the table and draws the plot with minutes = steps × ms/step, so that what else
 shared the machine during training does not enter the figures.
 
-    python metrics.py train-classifier --dataset mnist --data-dir ../shared/data/mnist-4k
-    OMP_NUM_THREADS=1 python scripts/recipe_search.py train --data-dir ../shared/data/mnist-4k \
+    python metrics.py train-classifier --dataset mnist --data-dir data/mnist-4k
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py train --data-dir data/mnist-4k \
         --candidates tiny shallow-b64 --minutes 6 12 24 --out out/recipes
     OMP_NUM_THREADS=1 python scripts/recipe_search.py train ... --candidates tiny-b32 --train-steps 4500 7500  # continue
-    OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --data-dir ../shared/data/mnist-4k --w 0 --out out/recipes
-    python scripts/recipe_search.py time --data-dir ../shared/data/mnist-4k --out out/recipes    # 2 threads
-    python scripts/recipe_search.py report --data-dir ../shared/data/mnist-4k --out out/recipes  # -> docs/recipes.png
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --data-dir data/mnist-4k --w 0 --out out/recipes
+    python scripts/recipe_search.py time --data-dir data/mnist-4k --out out/recipes    # 2 threads
+    python scripts/recipe_search.py report --data-dir data/mnist-4k --out out/recipes  # -> docs/recipes.png
+
+(data/mnist-4k: 4,000 real MNIST training digits, 400 per class; scripts/make_mnist_subset.py makes it.) `report`
+reads results.jsonl and timings.json from --out; docs/recipes.jsonl and docs/recipes_timings.json are the
+committed copies of the run in docs/results.md.
 
 Report bench.py's matmul rate beside the minutes.
 """

@@ -1,5 +1,5 @@
-"""Quality against sampling steps for the three samplers of sample.py, on one trained checkpoint
-(README, "Fast sampling").
+"""Quality against sampling steps for the samplers of sample.py, on one trained checkpoint
+(docs/results.md, "Fast sampling").
 
 Every cell (sampler, λ spacing, steps T, w) draws the same --n images (n/10 per class; image i's noise,
 including the ancestral sampler's per-step noise, comes from its own generator seeded by (seed, i)),
@@ -7,7 +7,7 @@ and scores them with the project's metrics classifier against held-out real digi
 (metrics.load_splits): MNIST FID, IS and class accuracy, plus the seconds the cell took. The real-data
 floor at the same count is printed and stored beside the results.
 
-    python scripts/sampler_study.py run --ckpt out/mnist/ckpt.pt --data-dir ../shared/data/mnist-4k \\
+    python scripts/sampler_study.py run --ckpt out/mnist/ckpt.pt --data-dir data/mnist-4k \\
         --cells ancestral:cosine:8,16,24,32,64,256 dpmpp2m:uniform:8,16,24,32,64 --w 0 3
     python scripts/sampler_study.py report                # the markdown table and docs/sampler_study.png
 

@@ -1,5 +1,5 @@
 """Make the flat top-level modules (schedule, model, data, train, sample, metrics) importable from tests,
-and the fixtures several test files share."""
+and the fixtures and helpers several test files share."""
 import os
 import sys
 
@@ -36,3 +36,22 @@ def assert_one_line_exit_2(main, argv, capsys, prefix):
     assert exit_info.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith(prefix) and "Traceback" not in err, err
     return err
+
+
+# Real datasets that CI keeps in a folder beside the checkout (../shared/data/<name>); a fresh clone has none.
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+SHARED_DATASETS = {
+    "mnist-4k": "4,000 real MNIST training digits, 400 per class",
+    "fashion-mnist": "the full Fashion-MNIST in the official IDX format",
+    "cifar10-jpeg": "the full CIFAR-10 as JPEG files",
+}
+
+
+def shared_data(name, hint=""):
+    """The folder ../shared/data/<name> beside the checkout. If it is absent, the calling test is skipped with
+    a reason that names the folder, what it holds and, when given, `hint` (how to run the test without it)."""
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"needs ../shared/data/{name} ({SHARED_DATASETS[name]}); absent in this checkout"
+                    + (f"; {hint}" if hint else ""))
+    return path

@@ -466,7 +466,7 @@ def _class_difference(found, expected):
     return "; ".join(f"{what}: {', '.join(names)}" for what, names in (("extra", extra), ("missing", missing)) if names)
 
 
-def _cifar10_image_folder(data_dir):
+def cifar10_image_folder(data_dir):
     """The folder holding CIFAR-10 as train/ and test/ image folders, or None where the official archive is
     present (it wins) or no such folder is: data_dir/cifar10/ first, then data_dir."""
     folders = (os.path.join(data_dir, "cifar10"), data_dir)
@@ -519,7 +519,7 @@ def load_dataset(name, data_dir="./data", train=True, image_size=32, channels=No
                 raise DataError(f"the class folders of {split_dir} differ from those of {train_dir} "
                                 f"({_class_difference(classes, train_classes)}): both splits need the same classes")
         return _load_image_folder(split_dir, classes, image_size, channels)
-    if name == "cifar10" and (root := _cifar10_image_folder(data_dir)) is not None:
+    if name == "cifar10" and (root := cifar10_image_folder(data_dir)) is not None:
         split_dir, classes = _image_folder_split(root, train)
         if tuple(classes) != CLASS_NAMES["cifar10"]:
             raise DataError(f"the class folders of {split_dir} are not CIFAR-10's ten "

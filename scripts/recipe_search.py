@@ -97,7 +97,7 @@ def evaluate(ckpt_path, clf, ref_feats, n, ws, sampler, steps, seed=0):
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(labels))]
         x = torch.cat([sample(model, labels[i:i + 250], w, steps, sampler, generator=generators[i:i + 250])
                        for i in range(0, len(labels), 250)])
-        results[w] = metrics.mnist_metrics(clf, x, labels, ref_feats)
+        results[w] = metrics.classifier_metrics(clf, x, labels, ref_feats)
     return results
 
 

@@ -74,7 +74,7 @@ def run(args):
                                   generator=[torch.Generator().manual_seed(s) for s in seeds[i:i + args.batch_size]])
                            for i in range(0, len(labels), args.batch_size)])
             seconds = time.perf_counter() - start
-            result = metrics.mnist_metrics(clf, x, labels, ref_feats)
+            result = metrics.classifier_metrics(clf, x, labels, ref_feats)
             row = dict(key, **result, seconds=seconds, threads=torch.get_num_threads(), floor=floor,
                        step=ckpt["step"])
             with open(args.results, "a") as f:

@@ -85,7 +85,7 @@ class Scorer:
         return metrics.real_floor(self.clf, *self.floor_pool, self.ref_feats, n)
 
     def score(self, images, labels):
-        return metrics.mnist_metrics(self.clf, images, labels, self.ref_feats)
+        return metrics.classifier_metrics(self.clf, images, labels, self.ref_feats)
 
     def score_per_w(self, images, labels, ws):
         """{w: metrics} for each distinct w of a cell."""

@@ -159,7 +159,7 @@ def test_classifier_train_save_load_and_mnist_metrics(tmp_path):
     torch.load(path, weights_only=True)  # plain tensors and values only
     loaded = metrics.load_classifier(str(path))
     assert torch.equal(metrics.classifier_probs(loaded, images), metrics.classifier_probs(clf, images))
-    out = metrics.mnist_metrics(loaded, images, labels, metrics.classifier_features(loaded, images), splits=4)
+    out = metrics.classifier_metrics(loaded, images, labels, metrics.classifier_features(loaded, images), splits=4)
     assert set(out) == {"fid", "is", "is_std", "accuracy"}
     assert abs(out["fid"]) < 1e-6 and out["accuracy"] > 0.9 and 1.0 <= out["is"] <= 2.0 + 1e-9
     with pytest.raises(metrics.CheckpointError, match="train-classifier"):
@@ -170,7 +170,7 @@ def test_missing_torch_fidelity_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # import now raises ImportError
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         metrics.cifar10_metrics(torch.zeros(10, 3, 32, 32, dtype=torch.uint8))
-    assert metrics.main(["cifar10", "--npz", str(tmp_path / "samples.npz")]) == 2
+    assert metrics.main(["cifar10", "--npz", str(tmp_path / "samples.npz"), "--inception"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install torch-fidelity" in err
 
@@ -188,7 +188,7 @@ def test_load_samples_npz_reads_sample_py_layout(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out splits and the memorisation check (issue 13), against brute force
+# Held-out splits and the memorisation check, against brute force
 # --------------------------------------------------------------------------------------------
 
 def test_split_holdout_keeps_the_last_images_of_each_class_out():

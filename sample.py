@@ -346,6 +346,16 @@ def check_same_data(guide, guide_ckpt, model, ckpt, path):
             fail(f"--guide-ckpt {path} has {what} {theirs!r} but --ckpt has {ours!r}: train it on the same data")
 
 
+def check_writable(*paths):
+    """Each given output path can be written (a probe file beside it), else one line and exit code 2."""
+    for path in filter(None, paths):
+        try:
+            open(f"{path}.tmp{os.getpid()}", "wb").close()
+            os.remove(f"{path}.tmp{os.getpid()}")
+        except OSError as e:
+            fail(f"cannot write {path}: {e.strerror}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (EMA weights are used)")
@@ -383,12 +393,7 @@ def main(argv=None):
         fail(f"--w {args.w} must be finite numbers")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available; use --device cpu")
-    for path in filter(None, [args.out, args.npz]):  # fail now, not after sampling
-        try:
-            open(f"{path}.tmp{os.getpid()}", "wb").close()
-            os.remove(f"{path}.tmp{os.getpid()}")
-        except OSError as e:
-            fail(f"cannot write {path}: {e.strerror}")
+    check_writable(args.out, args.npz)  # fail now, not after sampling
     try:
         model, ckpt = model_lib.load_model(args.ckpt)
         guide, guide_ckpt = model_lib.load_model(args.guide_ckpt) if args.guide_ckpt else (None, None)

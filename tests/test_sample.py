@@ -538,3 +538,20 @@ def test_good_run_writes_the_grid_and_the_npz(ckpts, tmp_path):
     other = np.load(tmp_path / "b.npz")["images"].astype(int)
     assert np.abs(other - data["images"].astype(int)).max() <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png", "b.npz", "b.png"]  # no temp files
+
+
+def test_the_command_line_stays_short_and_the_library_imports_only_the_method_files():
+    """sample.py's main is at most 120 lines with at most 16 flags (rule options travel as -p KEY=VALUE), and the
+    module imports no project file but schedule, model and guidance at its top (fast_cpu only inside main)."""
+    import ast
+    with open(os.path.join(REPO, "sample.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 120
+    flags = [c for c in ast.walk(main) if isinstance(c, ast.Call) and getattr(c.func, "attr", "") == "add_argument"]
+    assert 0 < len(flags) <= 16
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
+    project = {os.path.splitext(p)[0] for p in os.listdir(REPO) if p.endswith(".py")}
+    assert top & project == {"schedule", "model", "guidance"}
+    assert not top & {"matplotlib", "tqdm"}

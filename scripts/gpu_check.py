@@ -10,8 +10,12 @@ each running the project's own commands as subprocesses, each command with a tim
   fashion   a real run: train.py --dataset fashion-mnist --amp --compile (about --train-seconds of
             steps, sized from the bench stage's images/s), metrics.py train-classifier, sample.py
             --sampler dpmpp2m-sde --w 0 1 3 --n-per-class 100, and metrics.py mnist's table
-  cifar10   train.py --dataset cifar10 --amp --compile for a few hundred steps on a synthetic file in
-            the real CIFAR-10 format (no download; writer: tests/official_formats.py)
+  cifar10   a real run on CIFAR-10 (--cifar-dir): the DDPM network, train.py --dataset cifar10 --amp --compile
+            (about --cifar-train-seconds of steps, sized from the bench stage's cifar10 images/s), the metrics
+            classifier (--cifar-classifier, else metrics.py train-classifier --epochs 6), sample.py --sampler
+            dpmpp2m-sde --w 0 0.3 1 2 4 --n-per-class 200 (2,000 per w), metrics.py cifar10's table and floor;
+            the npz and the checkpoint's metadata are kept as OUT_DIR/cifar10/samples.npz and checkpoint.json
+            (notebook 03 reads both; metrics.load_samples_npz for the npz)
   torchrun  torchrun --nproc_per_node=1 train.py --amp --compile (DDP), then sample.py (NCCL): one
             checkpoint, one npz
   resume    train.py, Ctrl-C (SIGINT) once a checkpoint exists (it saves and exits 130), then --resume
@@ -19,23 +23,31 @@ each running the project's own commands as subprocesses, each command with a tim
 
     python scripts/gpu_check.py OUT_DIR                     # on the GPU: at most --budget 480 s
     python scripts/gpu_check.py OUT_DIR --stages cifar10 resume   # rerun some stages only
+    python scripts/gpu_check.py OUT_DIR --cifar-dir ~/cifar10 --cifar-classifier clf.pt   # reuse a classifier
     python scripts/gpu_check.py OUT_DIR --no-compile              # bf16 autocast alone: torch.compile's first
                                                                   # compile of each shape can take minutes
     OMP_NUM_THREADS=1 python scripts/gpu_check.py OUT_DIR --dry-run   # CPU, tiny sizes (tests/test_gpu_check.py)
 
-It writes two files into OUT_DIR: gpu_check.json (the device, torch version, and per stage its
-status, seconds and figures; rewritten after every stage) and gpu_check.log (every command and its
-whole output). Checkpoints, samples and data go to --work-dir (default: a temporary folder, removed
-at the end). The first failure stops the run: exit code 1 and a one-line reason on stderr, also in
+It writes into OUT_DIR gpu_check.json (the device, torch version, and per stage its status, seconds
+and figures; rewritten after every stage), gpu_check.log (every command and its whole output) and
+the cifar10 stage's cifar10/ folder (its paths, relative to OUT_DIR, are in the JSON). Checkpoints,
+samples and data go to --work-dir (default: a temporary folder, removed at the end). The first failure stops the run: exit code 1 and a one-line reason on stderr, also in
 the JSON ("failure"); later stages are "not run".
 
---dry-run runs the same stages on the CPU with tiny sizes: digits instead of Fashion-MNIST (no
-data files needed), no --amp/--compile (bf16 autocast and compile are the CUDA paths), gloo instead
+--dry-run runs the same stages on the CPU with tiny sizes: digits instead of Fashion-MNIST and a
+small synthetic CIFAR-10 image folder it writes itself (no data files needed), one cifar10 step,
+10 samples per w, no --amp/--compile (bf16 autocast and compile are the CUDA paths), gloo instead
 of NCCL, a handful of steps. Its figures mean nothing; it exists so that the script cannot rot
 between GPU runs.
 
-A GPU run needs Fashion-MNIST's four official IDX files: pass their folder with --fashion-dir, or place them
-where the default looks (see --help). Without them the run stops at once (before any stage) and says so.
+A GPU run needs Fashion-MNIST's four official IDX files and CIFAR-10 (the official archive, or its
+images as train/<class>/*.jpg and test/<class>/*.jpg): pass their folders with --fashion-dir and
+--cifar-dir, or place them where the defaults look (data/fashion-mnist and data/cifar10; see --help).
+Without them the run stops at once (before any stage) and says so.
+
+The time budget (--budget 480, 8 minutes; the shares are estimates for an H100-class GPU): bench about 1.5 minutes, fashion 2
+(45 s of training), cifar10 about 3.5 (75 s of training, the classifier's 6 epochs, 10,000 samples),
+torchrun and resume 1. On a slower GPU give --cifar-train-seconds less, or a --budget to match.
 """
 import argparse
 import datetime
@@ -56,16 +68,17 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path.insert(0, REPO)
 
 from model import CheckpointError, load_checkpoint  # noqa: E402
-from official_formats import cifar_tar_gz  # noqa: E402
+import data  # noqa: E402
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1"]
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 FASHION_DIRS = ("data/fashion-mnist", "data")  # relative to the repo root: where data.py downloads it (--data-dir data)
+CIFAR_DIR, CIFAR_ARCHIVE = "data/cifar10", "cifar-10-python.tar.gz"  # the default --cifar-dir, relative to the repo root
 
 # What the stages run: on the GPU (the real check) and with --dry-run (tiny sizes on a CPU).
 SETTINGS = {
@@ -75,9 +88,11 @@ SETTINGS = {
         bench=dict(presets=["mnist", "cifar10"], flags=[]),  # bench.py's own defaults otherwise
         fashion=dict(dataset="fashion-mnist", holdout=[],  # fashion-mnist: no holdout, the t10k split is the reference
                      min_steps=500, max_steps=20_000, default_steps=3000,  # default: when the bench stage did not run
-                     train=["--sample-steps", "64"], classifier=["--epochs", "5"],
+                     preview_steps=64, train=[], classifier=["--epochs", "5"],
                      sample=["--n-per-class", "100"]),  # dpmpp2m-sde at its default T = 24
-        cifar10=dict(images_per_batch=128, steps=300, preview_steps=32, train=[]),  # 640 images: 5 batches of 128
+        cifar10=dict(min_steps=200, max_steps=50_000, default_steps=1500, preview_steps=32, train=[],
+                     classifier=["--epochs", "6"],  # of metrics.CIFAR_EPOCHS (12): a minute, not two
+                     sample=["--n-per-class", "200", "--batch-size", "1000"]),  # 2,000 per w, dpmpp2m-sde's T = 24
         torchrun=dict(steps=200, train=["--sample-steps", "16"], sample=["--n-per-class", "4", "--steps", "32"]),
         resume=dict(steps=1000, ckpt_every=100, train=["--amp"]),
     ),
@@ -88,9 +103,12 @@ SETTINGS = {
                                              "--sample-iters", "1", "--sample-batch-size", "4", "--matmul-sizes", "256"]),
         fashion=dict(dataset="digits", holdout=["--holdout", "10"],  # digits has no test split
                      min_steps=6, max_steps=6, default_steps=6,
-                     train=["--batch-size", "16", "--sample-steps", "2"], classifier=["--epochs", "1"],
+                     preview_steps=2, train=["--batch-size", "16"], classifier=["--epochs", "1"],
                      sample=["--n-per-class", "2", "--steps", "3"]),
-        cifar10=dict(images_per_batch=2, steps=2, preview_steps=None, train=["--batch-size", "2"]),  # no preview: slow on a CPU
+        cifar10=dict(min_steps=1, max_steps=1, default_steps=1, preview_steps=None,  # no preview: slow on a CPU
+                     train=["--batch-size", "2"], classifier=["--epochs", "1", "--batch-size", "10"],
+                     sample=["--n-per-class", "1", "--steps", "1"],  # 10 per w: the fewest metrics.py's IS takes
+                     folder_images_per_class=2),  # of the image folder it writes
         torchrun=dict(steps=4, train=["--batch-size", "8", "--sample-steps", "2"],
                       sample=["--n-per-class", "1", "--steps", "2"]),
         resume=dict(steps=40, ckpt_every=4, train=["--batch-size", "8"]),
@@ -256,7 +274,7 @@ def samples(path, ws, classes, n_per_class, image_shape):
     expected_labels = [c for _ in ws for c in classes for _ in range(n_per_class)]
     expected_w = [v for v in ws for _ in classes for _ in range(n_per_class)]
     if (images.shape != (len(expected_labels), *image_shape) or images.dtype != np.uint8
-            or labels.tolist() != expected_labels or w.tolist() != expected_w):
+            or labels.tolist() != expected_labels or not np.allclose(w, expected_w)):  # w: float32 in the file
         raise Failure(f"{path}: images {images.shape} {images.dtype}, labels and w do not match the grid asked for")
     if images.min() == images.max():
         raise Failure(f"{path}: every pixel is {images.min()}")
@@ -272,7 +290,7 @@ def sampling_rate(stdout):
 
 
 def metrics_table(stdout, ws):
-    """metrics.py mnist's table: {"rows": [{w, n, fid, is, is_std, accuracy}], "real": {...}}."""
+    """metrics.py mnist's or cifar10's table: {"rows": [{w, n, fid, is, is_std, accuracy}], "real": {...}}."""
     keys = ("n", "fid", "is", "is_std", "accuracy")
     rows, real = [], None
     for line in stdout.splitlines():
@@ -282,11 +300,11 @@ def metrics_table(stdout, ws):
         elif len(parts) >= 6 and parts[0] == "real":
             real = {k: float(v) for k, v in zip(keys, parts[1:6])}
     if sorted(row["w"] for row in rows) != sorted(ws) or real is None:
-        raise Failure(f"metrics.py mnist printed no table row for each w in {ws} and the real floor")
+        raise Failure(f"metrics.py printed no table row for each w in {ws} and the real floor")
     for row in rows + [real]:
         row["n"] = int(row["n"])
         if not all(math.isfinite(v) for v in row.values()):
-            raise Failure(f"metrics.py mnist printed a non-finite figure: {row}")
+            raise Failure(f"metrics.py printed a non-finite figure: {row}")
     return dict(rows=rows, real=real)
 
 
@@ -335,79 +353,127 @@ def fashion_dir(args):
                   "(python data.py fashion-mnist --data-dir data) or pass --fashion-dir DIR")
 
 
-def fashion_steps(run, settings):
-    """--max-steps for about --train-seconds of training, from the bench stage's mnist images/s (the
-    same network and batch as fashion-mnist's), within the settings' bounds."""
-    mnist = run.figures.get("bench", {}).get("presets", {}).get("mnist")
-    if not mnist:
+def training_steps(run, settings, preset, seconds):
+    """--max-steps for about `seconds` of training, from the bench stage's images/s of `preset` (the network
+    and batch the stage trains), within the settings' bounds; the settings' default when bench did not run."""
+    row = run.figures.get("bench", {}).get("presets", {}).get(preset)
+    if not row:
         return settings["default_steps"]
-    steps = run.args.train_seconds * mnist["train_images_per_s"] / mnist["batch_size"]
+    steps = seconds * row["train_images_per_s"] / row["batch_size"]
     return int(min(max(steps, settings["min_steps"]), settings["max_steps"]))
+
+
+def train(run, s, dataset, data, steps):
+    """train.py for `steps` steps (a preview grid at the end at T = the settings' preview_steps, if not None):
+    (the checkpoint's path, the checkpoint, the figures)."""
+    out_dir, preview_steps = os.path.join(run.work, "run"), s["preview_steps"]
+    preview = ["--sample-every", steps, "--sample-steps", preview_steps] if preview_steps else ["--sample-every", 0]
+    _, err, seconds = run_command(run, [PY, "train.py", "--dataset", dataset, *data, "--out-dir", out_dir,
+                                        "--max-steps", steps, *preview, "--device", run.device,
+                                        *run.settings["speed"], *s["train"]], cap=s["train_seconds"] + 240)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = checkpoint(ckpt_path, steps)
+    if preview_steps and not os.path.isfile(os.path.join(out_dir, f"samples_{steps:07d}.png")):
+        raise Failure(f"train.py drew no preview grid at step {steps}: {last_line(err, 'preview') or 'no warning'}")
+    return ckpt_path, ckpt, dict(**loss_figures(ckpt), seconds=seconds, images_per_s=train_images_per_s(err))
+
+
+def train_metrics_classifier(run, s, dataset, data):
+    """metrics.py train-classifier into the stage's folder: (its path, its figures)."""
+    clf = os.path.join(run.work, "classifier.pt")
+    out, _, seconds = run_command(run, [PY, "metrics.py", "train-classifier", "--dataset", dataset, *data,
+                                        "--device", run.device, "--out", clf, *s["classifier"]], cap=300)
+    found = re.search(r"test accuracy ([\d.]+) on (.+) \(", out)
+    if not found or not os.path.isfile(clf):
+        raise Failure(f"metrics.py train-classifier saved no classifier: {why_it_failed(out)}")
+    return clf, dict(test_accuracy=float(found[1]), test_split=found[2], seconds=seconds, path=clf)
+
+
+def sample_and_measure(run, s, ckpt_path, ckpt, ws, metrics_command):
+    """sample.py --sampler dpmpp2m-sde at each w into the stage's samples.npz, checked against the grid asked for,
+    then `metrics_command` + the npz (metrics.py's per-w table): (npz path, figures of both)."""
+    npz = os.path.join(run.work, "samples.npz")
+    out, _, _ = run_command(run, [PY, "sample.py", "--ckpt", ckpt_path, "--sampler", "dpmpp2m-sde", "--w", *ws,
+                                  *s["sample"], "--npz", npz, "--out", os.path.join(run.work, "samples.png"),
+                                  "--device", run.device], cap=300)
+    config, flags = ckpt["config"], s["sample"]
+    n_per_class = int(flags[flags.index("--n-per-class") + 1])
+    samples(npz, [float(w) for w in ws], list(range(config["num_classes"])), n_per_class,
+            (config["image_size"], config["image_size"], config["in_channels"]))
+    images, seconds, _ = sampling_rate(out)
+    out, _, _ = run_command(run, [*metrics_command, "--npz", npz], cap=300)
+    return npz, dict(sample=dict(sampler="dpmpp2m-sde", images=images, seconds=seconds, images_per_s=images / seconds),
+                     metrics=metrics_table(out, [float(w) for w in ws]))
 
 
 def stage_fashion(run):
     """A real run: train, the metrics classifier, guided samples with the fast sampler, their metrics."""
-    s = run.settings["fashion"]
+    s = dict(run.settings["fashion"], train_seconds=run.args.train_seconds)
     dataset, data = s["dataset"], (["--data-dir", fashion_dir(run.args)] if s["dataset"] != "digits" else [])
-    steps, ws = fashion_steps(run, s), ["0", "1", "3"]
-    out_dir = os.path.join(run.work, "run")
-    _, err, seconds = run_command(run, [PY, "train.py", "--dataset", dataset, *data, *s["holdout"], "--out-dir", out_dir,
-                                        "--max-steps", steps, "--sample-every", steps, "--device", run.device,
-                                        *run.settings["speed"], *s["train"]], cap=run.args.train_seconds + 240)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = checkpoint(ckpt_path, steps)
-    if not os.path.isfile(os.path.join(out_dir, f"samples_{steps:07d}.png")):
-        raise Failure(f"train.py drew no preview grid at step {steps}: {last_line(err, 'preview') or 'no warning'}")
-    figures = dict(dataset=dataset, train=dict(**loss_figures(ckpt), seconds=seconds,
-                                               images_per_s=train_images_per_s(err)))
+    data += s["holdout"]
+    steps = training_steps(run, s, "mnist", run.args.train_seconds)  # the mnist network and batch
+    ckpt_path, ckpt, train_figures = train(run, s, dataset, data, steps)
+    clf, classifier_figures = train_metrics_classifier(run, s, dataset, data)
+    _, figures = sample_and_measure(run, s, ckpt_path, ckpt, ["0", "1", "3"],
+                                    [PY, "metrics.py", "mnist", "--dataset", dataset, *data, "--classifier", clf])
+    return dict(dataset=dataset, train=train_figures, classifier=classifier_figures, **figures)
 
-    clf = os.path.join(run.work, "classifier.pt")
-    out, _, seconds = run_command(run, [PY, "metrics.py", "train-classifier", "--dataset", dataset, *data, *s["holdout"],
-                                        "--device", run.device, "--out", clf, *s["classifier"]], cap=180)
-    found = re.search(r"test accuracy ([\d.]+) on (.+) \(", out)
-    if not found or not os.path.isfile(clf):
-        raise Failure(f"metrics.py train-classifier saved no classifier: {why_it_failed(out)}")
-    figures["classifier"] = dict(test_accuracy=float(found[1]), test_split=found[2], seconds=seconds)
 
-    npz = os.path.join(run.work, "samples.npz")
-    out, _, _ = run_command(run, [PY, "sample.py", "--ckpt", ckpt_path, "--sampler", "dpmpp2m-sde", "--w", *ws,
-                                  *s["sample"], "--npz", npz, "--out", os.path.join(run.work, "samples.png"),
-                                  "--device", run.device], cap=180)
-    config = ckpt["config"]
-    n_per_class = int(s["sample"][s["sample"].index("--n-per-class") + 1])
-    samples(npz, [float(w) for w in ws], list(range(config["num_classes"])), n_per_class,
-            (config["image_size"], config["image_size"], config["in_channels"]))
-    images, seconds, _ = sampling_rate(out)
-    figures["sample"] = dict(sampler="dpmpp2m-sde", images=images, seconds=seconds, images_per_s=images / seconds)
+def cifar_dir(args):
+    """The CIFAR-10 folder (the official archive, or train/ and test/ image folders, in it or its cifar10/
+    subfolder), or Failure."""
+    folder = os.path.abspath(args.cifar_dir) if args.cifar_dir else os.path.join(REPO, CIFAR_DIR)  # the commands run in REPO
+    if (any(os.path.isfile(os.path.join(place, CIFAR_ARCHIVE)) for place in (folder, os.path.join(folder, "cifar10")))
+            or data.cifar10_image_folder(folder) is not None):
+        return folder
+    where = f"--cifar-dir {args.cifar_dir}" if args.cifar_dir else f"{CIFAR_DIR} (from the repo root)"
+    raise Failure(f"no CIFAR-10 in {where}: place {CIFAR_ARCHIVE} there, or its images as train/<class>/*.jpg "
+                  "and test/<class>/*.jpg, or pass --cifar-dir DIR")
 
-    out, _, _ = run_command(run, [PY, "metrics.py", "mnist", "--npz", npz, "--dataset", dataset, *data, *s["holdout"],
-                                  "--classifier", clf], cap=180)
-    figures["metrics"] = metrics_table(out, [float(w) for w in ws])
-    return figures
+
+def write_cifar_folder(root, per_class):
+    """A small synthetic CIFAR-10 image folder: `per_class` random 32×32 JPEGs per class in train/ and test/."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in data.CLASS_NAMES["cifar10"]:
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.jpg"), quality=95)
+    return root
 
 
 def stage_cifar10(run):
-    """The CIFAR-10 preset with the speed flags on a synthetic file in the real format."""
-    s = run.settings["cifar10"]
-    data_dir = os.path.join(run.work, "data")
-    os.makedirs(data_dir)
-    rng, n = np.random.default_rng(0), s["images_per_batch"]
-    batches = {name: (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
-               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
-    path = os.path.join(data_dir, "cifar-10-python.tar.gz")
-    with open(path + ".tmp", "wb") as f:
-        f.write(cifar_tar_gz(batches))
-    os.replace(path + ".tmp", path)
-    out_dir, steps, preview = os.path.join(run.work, "run"), s["steps"], s["preview_steps"]
-    _, err, seconds = run_command(run, [PY, "train.py", "--dataset", "cifar10", "--data-dir", data_dir, "--out-dir", out_dir,
-                                        "--max-steps", steps, "--sample-every", steps if preview else 0,
-                                        "--sample-steps", preview or 1, "--device", run.device,
-                                        *run.settings["speed"], *s["train"]], cap=300)
-    ckpt = checkpoint(os.path.join(out_dir, "ckpt.pt"), steps)
-    if preview and not os.path.isfile(os.path.join(out_dir, f"samples_{steps:07d}.png")):
-        raise Failure(f"train.py drew no preview grid at step {steps}: {last_line(err, 'preview') or 'no warning'}")
-    return dict(**loss_figures(ckpt), images=5 * n, seconds=seconds, images_per_s=train_images_per_s(err),
-                preview_steps=preview)
+    """The DDPM CIFAR-10 network on real CIFAR-10: train for about --cifar-train-seconds, the metrics classifier
+    (or --cifar-classifier), 2,000 fast-sampler samples per w, metrics.py cifar10's table; the npz and the
+    checkpoint's metadata are copied into OUT_DIR/cifar10/ for notebook 03."""
+    s = dict(run.settings["cifar10"], train_seconds=run.args.cifar_train_seconds)
+    if run.args.dry_run:  # a folder of its own, and data.py's decoded-image cache beside it
+        os.environ[data.CACHE_ENV] = os.path.join(run.work, "cache")
+        folder = write_cifar_folder(os.path.join(run.work, "data"), s["folder_images_per_class"])
+    else:
+        folder = cifar_dir(run.args)
+    data_flags = ["--data-dir", folder]
+    steps = training_steps(run, s, "cifar10", run.args.cifar_train_seconds)
+    ckpt_path, ckpt, train_figures = train(run, s, "cifar10", data_flags, steps)
+    if run.args.cifar_classifier:
+        clf = os.path.abspath(run.args.cifar_classifier)  # the commands run in REPO
+        classifier_figures = dict(path=clf, given=True)
+    else:
+        clf, classifier_figures = train_metrics_classifier(run, s, "cifar10", data_flags)
+    ws = ["0", "0.3", "1", "2", "4"]
+    npz, figures = sample_and_measure(run, s, ckpt_path, ckpt, ws, [PY, "metrics.py", "cifar10", *data_flags,
+                                                                    "--classifier", clf, "--device", run.device])
+    kept = os.path.join(run.args.out_dir, "cifar10")
+    os.makedirs(kept, exist_ok=True)
+    shutil.copyfile(npz, os.path.join(kept, "samples.npz"))
+    meta = dict(step=int(ckpt["step"]), config=ckpt["config"], args=ckpt["args"],
+                losses=[float(v) for v in ckpt["losses"]], checkpoint=ckpt_path)
+    write_json(meta, os.path.join(kept, "checkpoint.json"))
+    return dict(data_dir=folder, train=dict(**train_figures, preview_steps=s["preview_steps"]),
+                classifier=classifier_figures, **figures,
+                files=dict(samples="cifar10/samples.npz", checkpoint_meta="cifar10/checkpoint.json"))
 
 
 def stage_torchrun(run):
@@ -486,6 +552,10 @@ def preflight(args, stage_names):
         raise Failure(f"--work-dir {args.work_dir} is not empty: give a new or empty folder")
     if "fashion" in stage_names and not args.dry_run:
         fashion_dir(args)
+    if "cifar10" in stage_names and not args.dry_run:
+        cifar_dir(args)
+    if "cifar10" in stage_names and args.cifar_classifier and not os.path.isfile(args.cifar_classifier):
+        raise Failure(f"no file --cifar-classifier {args.cifar_classifier}")
     if not args.dry_run and not torch.cuda.is_available():
         raise Failure(f"no CUDA device is available (torch {torch.__version__}): run this on a GPU machine, "
                       "or use --dry-run on a CPU")
@@ -519,6 +589,12 @@ def parse_args(argv):
                    help="about how long the fashion stage trains (its --max-steps comes from bench's images/s)")
     p.add_argument("--fashion-dir", help="Fashion-MNIST's IDX files (default: the first of " +
                    ", ".join(FASHION_DIRS) + " that holds them, relative to the repository root)")
+    p.add_argument("--cifar-train-seconds", type=float, default=75,
+                   help="about how long the cifar10 stage trains (its --max-steps comes from bench's images/s)")
+    p.add_argument("--cifar-dir", help=f"CIFAR-10: {CIFAR_ARCHIVE}, or train/<class>/*.jpg and test/<class>/*.jpg "
+                   f"(default: {CIFAR_DIR}, relative to the repository root)")
+    p.add_argument("--cifar-classifier", metavar="PATH", help="the CIFAR-10 metrics classifier "
+                   "(metrics.py train-classifier --dataset cifar10); default: the cifar10 stage trains one")
     p.add_argument("--work-dir", help="checkpoints, samples, data (default: a temporary folder, removed at the end)")
     p.add_argument("--master-port", type=int, help="torchrun's port (default: a free one for each job)")
     return p.parse_args(argv)

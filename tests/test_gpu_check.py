@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 from model import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +35,9 @@ def gpu_check_process(*args, timeout=300):
                           env=ONE_THREAD, timeout=timeout)
 
 
-def read_outputs(out):
-    """(the JSON, the log) of a run; they must be the only files in its folder."""
-    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.log"]  # no temporary files either
+def read_outputs(out, kept=()):
+    """(the JSON, the log) of a run; they and `kept` (the cifar10 stage's folder) must be the only files in its folder."""
+    assert sorted(os.listdir(out)) == sorted(["gpu_check.json", "gpu_check.log", *kept])  # no temporary files either
     with open(out / "gpu_check.json") as f:
         report = json.load(f)
     return report, (out / "gpu_check.log").read_text()
@@ -56,7 +57,7 @@ def test_dry_run_passes_every_stage_and_records_what_is_on_disk(tmp_path):
     proc = gpu_check_process(out, "--dry-run", "--work-dir", work)
     seconds = time.monotonic() - began
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
-    report, log = read_outputs(out)
+    report, log = read_outputs(out, kept=["cifar10"])
     assert report["status"] == "ok" and report["failure"] is None and report["mode"].startswith("dry run")
     assert report["environment"]["torch"] == torch.__version__ and 0 < report["seconds"] <= seconds
     assert list(report["stages"]) == STAGES
@@ -93,11 +94,30 @@ def test_dry_run_passes_every_stage_and_records_what_is_on_disk(tmp_path):
                 in log)
     assert fashion["sample"]["images"] == 60
 
-    # cifar10: train.py read the synthetic file in the real format (5 batches of 2 images).
+    # cifar10: the DDPM network on the CIFAR-10 image folder the dry run wrote, its classifier, samples and table.
     cifar = report["stages"]["cifar10"]["figures"]
+    data_dir = work / "cifar10" / "data"
+    assert cifar["data_dir"] == str(data_dir)
+    for split in ("train", "test"):
+        assert sorted(os.listdir(data_dir / split)) == sorted(data.CLASS_NAMES["cifar10"])
     ckpt = load_checkpoint(str(work / "cifar10" / "run" / "ckpt.pt"))
-    assert ckpt["step"] == cifar["steps"] == 2 and ckpt["config"]["channels"] == 128 and cifar["images"] == 10
-    assert "train.py: cifar10, 10 images (3, 32, 32)" in log
+    assert ckpt["step"] == cifar["train"]["steps"] == 1 and ckpt["config"]["channels"] == 128
+    assert ckpt["args"]["dataset"] == "cifar10" and ckpt["args"]["data_dir"] == str(data_dir)
+    assert cifar["classifier"]["path"] == str(work / "cifar10" / "classifier.pt") and os.path.isfile(cifar["classifier"]["path"])
+    assert "--sampler dpmpp2m-sde --w 0 0.3 1 2 4" in log and "CIFAR-10 metrics by the project's classifier" in log
+    assert cifar["files"] == {"samples": "cifar10/samples.npz", "checkpoint_meta": "cifar10/checkpoint.json"}
+    kept = np.load(out / cifar["files"]["samples"])
+    assert kept["images"].shape == (50, 32, 32, 3) and cifar["sample"]["images"] == 50  # 5 w × 10 classes × 1
+    assert np.allclose(kept["w"], np.repeat([0, 0.3, 1, 2, 4], 10)) and kept["labels"].tolist() == list(range(10)) * 5
+    assert (kept["images"] == np.load(work / "cifar10" / "samples.npz")["images"]).all()
+    with open(out / cifar["files"]["checkpoint_meta"]) as f:
+        meta = json.load(f)
+    assert meta["step"] == 1 and meta["config"] == json.loads(json.dumps(ckpt["config"])) and meta["args"]["dataset"] == "cifar10"
+    assert meta["losses"] == pytest.approx(ckpt["losses"].tolist())
+    table = cifar["metrics"]
+    assert [r["w"] for r in table["rows"]] == [0.0, 0.3, 1.0, 2.0, 4.0] and table["real"]["n"] == 10
+    for r in table["rows"] + [table["real"]]:
+        assert r["n"] == 10 and 0 <= r["accuracy"] <= 1 and r["fid"] >= 0
 
     # torchrun: one checkpoint, one npz, one process.
     assert sorted(os.listdir(work / "torchrun")) == ["run", "samples.npz", "samples.png"]
@@ -115,14 +135,16 @@ def test_dry_run_passes_every_stage_and_records_what_is_on_disk(tmp_path):
     assert log.rstrip().splitlines()[-1].startswith("gpu_check: ok")
 
 
-def test_missing_fashion_data_fails_before_any_stage(tmp_path):
+@pytest.mark.parametrize("stage, flag, says", [("fashion", "--fashion-dir", "no Fashion-MNIST files"),
+                                                ("cifar10", "--cifar-dir", "no CIFAR-10 in --cifar-dir")])
+def test_missing_data_fails_before_any_stage(tmp_path, stage, flag, says):
     """Not a dry run: the data check comes first, so this fails the same way with or without a GPU."""
     (tmp_path / "empty").mkdir()
-    proc = gpu_check_process(tmp_path / "out", "--stages", "fashion", "--fashion-dir", tmp_path / "empty", timeout=120)
+    proc = gpu_check_process(tmp_path / "out", "--stages", stage, flag, tmp_path / "empty", timeout=120)
     report, log = read_outputs(tmp_path / "out")
     assert_failed_with_one_line(proc, report, log)
-    assert "no Fashion-MNIST files" in report["failure"] and str(tmp_path / "empty") in report["failure"]
-    assert report["stages"] == {"fashion": {"status": "not run"}}
+    assert says in report["failure"] and str(tmp_path / "empty") in report["failure"]
+    assert report["stages"] == {stage: {"status": "not run"}}
 
 
 def test_a_failing_stage_stops_the_run_and_keeps_what_passed(tmp_path):
@@ -198,15 +220,17 @@ def test_the_budget_limits_every_command(run, tmp_path):
         gpu_check.run_command(run, [sys.executable, str(script)], cap=60)
 
 
-def test_the_fashion_run_is_sized_from_the_bench_stage(tmp_path):
-    """GPU settings: --max-steps ≈ --train-seconds × (images/s ÷ batch) of bench's mnist row, within bounds."""
+def test_the_training_runs_are_sized_from_the_bench_stage(tmp_path):
+    """GPU settings: --max-steps ≈ the stage's seconds × (images/s ÷ batch) of bench's row of its preset, within bounds."""
     run = gpu_check.Run(gpu_check.parse_args([str(tmp_path), "--train-seconds", "45"]), io.StringIO())
     settings = run.settings["fashion"]
-    assert gpu_check.fashion_steps(run, settings) == settings["default_steps"]  # no bench stage
-    run.figures["bench"] = {"presets": {"mnist": {"train_images_per_s": 3200.0, "batch_size": 32}}}
-    assert gpu_check.fashion_steps(run, settings) == 45 * 100
+    assert gpu_check.training_steps(run, settings, "mnist", 45) == settings["default_steps"]  # no bench stage
+    run.figures["bench"] = {"presets": {"mnist": {"train_images_per_s": 3200.0, "batch_size": 32},
+                                        "cifar10": {"train_images_per_s": 2560.0, "batch_size": 128}}}
+    assert gpu_check.training_steps(run, settings, "mnist", 45) == 45 * 100
+    assert gpu_check.training_steps(run, run.settings["cifar10"], "cifar10", 75) == 75 * 20
     run.figures["bench"]["presets"]["mnist"]["train_images_per_s"] = 32.0  # 1 step/s
-    assert gpu_check.fashion_steps(run, settings) == settings["min_steps"] > 45
+    assert gpu_check.training_steps(run, settings, "mnist", 45) == settings["min_steps"] > 45
 
 
 def test_no_compile_leaves_out_compile_and_keeps_autocast(tmp_path):

@@ -60,6 +60,13 @@ def unguided(w):
     return not torch.as_tensor(w).any()
 
 
+def w_outside(w, inside):
+    """The distinct values of w (a number or (B,)) where inside(w) is False (NaN included), sorted: a rule's range
+    check names them in its one-line error."""
+    w = torch.as_tensor(w)
+    return sorted(set(w[~inside(w)].tolist()))
+
+
 def cond_and_uncond_eps(model, z, logsnr, labels):
     """(ε_θ(z, c), ε_θ(z, ∅)): the two evaluations at the same z, as one batch of 2B or two passes of B (ONE_BATCH)."""
     null = torch.full_like(labels, model.null_label)  # ∅
@@ -265,11 +272,9 @@ def cfgpp_eps(model, z, logsnr, labels, w, state=None):
     it with the others (the paper defines CFG++ on the DDIM step). w = −1 (γ = 0) is DDIM on the unconditional
     model. w = 0 (γ = 1) takes x̃ from the conditional model but still re-noises with ε_θ(z_λ, ∅): unlike the
     other rules, CFG++ at w = 0 is not the conditional model. Both ε are evaluated at every w."""
-    w_t = torch.as_tensor(w)
-    outside = w_t[(w_t < -1) | (w_t > 0)]
-    if outside.numel():
-        raise ValueError(f"cfgpp takes w = γ − 1 in [-1, 0] (CFG++'s scale γ in [0, 1]), got w = "
-                         f"{sorted(set(outside.tolist()))}")
+    outside = w_outside(w, lambda w: (w >= -1) & (w <= 0))
+    if outside:
+        raise ValueError(f"cfgpp takes w = γ − 1 in [-1, 0] (CFG++'s scale γ in [0, 1]), got w = {outside}")
     eps_cond, eps_uncond = cond_and_uncond_eps(model, z, logsnr, labels)
     w = per_example(w, z)
     return (1 + w) * eps_cond - w * eps_uncond, eps_uncond
@@ -290,11 +295,10 @@ def guidance_free_eps(model, z, logsnr, labels, w, state=None):
     if not getattr(model, "strength_input", False):
         raise ValueError("guidance-free needs a network trained by guidance-free training (train.gft_loss, "
                          "UNetConfig(strength_input=True)); this one has no strength input: use --guidance cfg")
-    w_t = torch.as_tensor(w)
-    outside = w_t[~(w_t >= 0)]  # NaN included
-    if outside.numel():
+    outside = w_outside(w, lambda w: w >= 0)
+    if outside:
         raise ValueError(f"guidance-free takes w >= 0 (β = 1/(1 + w) in (0, 1], the range it was trained on), "
-                         f"got w = {sorted(set(outside.tolist()))}")
+                         f"got w = {outside}")
     beta = 1 / (1 + torch.as_tensor(w, dtype=torch.float64, device=z.device))  # () or (B,)
     return model(z, logsnr, labels, strength=beta)
 

@@ -13,7 +13,8 @@ What it prints (and writes with --json):
 - the dense matmul rate of this machine in the same run (float32; bfloat16 too on CUDA or with --amp),
   the best of several square matmuls; on CPU both through torch.matmul (MKL) and through oneDNN, the
   library the convolutions use, since MKL runs at half speed on AMD CPUs and would flatter the MFU;
-- per preset: training images/s, model FLOPs per step (counted once with
+- per preset: training images/s (with --guidance-free, also for train.py --guidance-free's step and its
+  cost relative to Algorithm 1's), model FLOPs per step (counted once with
   torch.utils.flop_counter.FlopCounterMode: convolutions, matmuls and attention, forward and
   backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
   (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
@@ -38,9 +39,11 @@ sample.py does not offer yet: those sampling figures are what a bf16 sampler wou
     python bench.py --device cuda --amp --compile     # GPU: bf16 autocast and torch.compile
     python bench.py --batch-size mnist=128 cifar10=16
     python bench.py --plain                           # CPU: without fast_cpu (glibc malloc's defaults)
+    python bench.py --presets mnist --guidance-free --no-sample   # + guidance-free training's step
 """
 import argparse
 import copy
+import dataclasses
 import ctypes
 import json
 import math
@@ -134,19 +137,21 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
 
 
-def build(preset, device, args):
-    """The preset's UNet on `device`, and the network to call (set up as train.py does, and/or compiled)."""
-    raw_model = UNet(PRESETS[preset]).to(device)
+def build(preset, device, args, guidance_free=False):
+    """The preset's UNet on `device`, and the network to call (set up as train.py does, and/or compiled);
+    with `guidance_free`, the network with the strength input β that train.py --guidance-free gives it."""
+    raw_model = UNet(dataclasses.replace(PRESETS[preset], strength_input=guidance_free)).to(device)
     net = torch.compile(raw_model) if args.compile else raw_model  # reads null_label / config through
     return raw_model, net
 
 
-def bench_train(preset, batch_size, device, args):
-    """train.py's step (train.train_step with the preset's settings) on random data of the preset's shape:
-    FLOPs, times and peak memory."""
+def bench_train(preset, batch_size, device, args, guidance_free=False):
+    """train.py's step (train.train_step with the preset's settings, and with --guidance-free its loss,
+    train.gft_loss) on random data of the preset's shape: FLOPs, times and peak memory."""
     torch.manual_seed(0)
-    settings = parse_args(["--dataset", preset] + (["--amp"] if args.amp else []))
-    raw_model, net = build(preset, device, args)
+    settings = parse_args(["--dataset", preset] + (["--amp"] if args.amp else [])
+                          + (["--guidance-free"] if guidance_free else []))
+    raw_model, net = build(preset, device, args, guidance_free)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=settings.lr)  # as in train.py
     config = PRESETS[preset]
@@ -163,7 +168,8 @@ def bench_train(preset, batch_size, device, args):
         step(net)
     has_reset = reset_peak_memory(device)
     seconds = timed(lambda: step(net), device, args.iters, args.min_seconds, args.clock)
-    return dict(preset=preset, batch_size=batch_size, flops_per_step=flops, seconds_best=min(seconds),
+    return dict(preset=preset, loss="guidance-free" if guidance_free else "Algorithm 1",
+                batch_size=batch_size, flops_per_step=flops, seconds_best=min(seconds),
                 seconds_median=statistics.median(seconds), images_per_s=batch_size / min(seconds),
                 flops_per_s=flops / min(seconds), peak_memory_mb=peak_memory_mb(device),
                 peak_memory_kind=("torch.cuda.max_memory_allocated" if device.type == "cuda" else
@@ -267,13 +273,21 @@ def print_tables(report):
         print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (fastest of {by_route}; "
               f"{report['matmul_sizes']} squares)")
     print(f"MFU below is FLOP/s over the {report['mfu_vs']} matmul rate.\n")
-    print(f"{'training':10s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
+    print(f"{'training':10s} {'loss':13s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
           f"{'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
     for r in report["train"]:
-        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
+        print(f"{r['preset']:10s} {r['loss']:13s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
               f"{r['seconds_median'] * 1e3:8.1f} {r['images_per_s']:8.1f} {r['flops_per_s'] / 1e9:8.1f} "
               f"{r['mfu']:6.1%} {r['peak_memory_mb']:8.0f}")
     print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
+    by_preset = {}
+    for r in report["train"]:
+        by_preset.setdefault(r["preset"], {})[r["loss"]] = r
+    for preset, rows in by_preset.items():
+        if len(rows) == 2:
+            plain, gft = rows["Algorithm 1"], rows["guidance-free"]
+            print(f"{preset}: a guidance-free step costs {gft['seconds_best'] / plain['seconds_best']:.2f}x an "
+                  f"Algorithm 1 step ({gft['flops_per_step'] / plain['flops_per_step']:.2f}x its FLOPs)")
     if not report["sample"]:
         return
     print(f"\n{'sampling':10s} {'batch':>5s} {'w=0':>8s} {'w=1: 2B':>8s} {'2 × B':>8s} {'ratio 2B':>8s} "
@@ -310,6 +324,8 @@ def main(argv=None):
                    help="time with this thread's CPU time instead of the wall clock (needs --threads 1): "
                         "figures that other processes on a shared machine barely disturb")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
+    p.add_argument("--guidance-free", action="store_true",
+                   help="also time train.py --guidance-free's step (gft_loss: one more forward pass) per preset")
     p.add_argument("--matmul-sizes", type=int, nargs="+", metavar="N",
                    help="n of the n×n matmuls that measure the machine's rate (default: CUDA 4096 8192, CPU 2048 "
                         "4096; small ones only for a quick check: they understate the rate and overstate MFU)")
@@ -354,6 +370,8 @@ def main(argv=None):
     for preset in args.presets:
         measure_matmul()
         train_rows.append(bench_train(preset, batch_sizes[preset], device, args))
+        if args.guidance_free:
+            train_rows.append(bench_train(preset, batch_sizes[preset], device, args, guidance_free=True))
     sample_rows = [] if args.no_sample else [bench_sample(preset, device, args) for preset in args.presets]
     measure_matmul()
     rates = {name: max(by_route.values()) for name, by_route in routes.items()}  # the machine's rate: the faster route

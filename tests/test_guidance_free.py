@@ -475,3 +475,19 @@ def test_train_py_switch_trains_a_network_that_samples_at_one_evaluation(tmp_pat
                            "guidance-free", "--w", "0", "2", "--n-per-class", "1", "--steps", "2", "--out",
                            str(tmp_path / "s.png")], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and (tmp_path / "s.png").exists(), proc.stderr
+
+
+def test_bench_times_the_guidance_free_step_at_one_more_forward_pass(tmp_path):
+    """bench.py --guidance-free: a second training row per preset whose FLOPs are Algorithm 1's plus one forward
+    pass. A training step's convolutions and matmuls cost a forward F and a backward of about 2F (the gradients of
+    the input and of the weights, each a forward's worth), so the ratio is about (3F + F) / 3F = 4/3; the first
+    layer has no input gradient, which moves it up a little."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--presets", "digits", "--guidance-free", "--no-sample", "--iters", "1", "--min-seconds", "0",
+                "--matmul-sizes", "64", "--json", str(out)])
+    import json
+    rows = {r["loss"]: r for r in json.loads(out.read_text())["train"]}
+    assert set(rows) == {"Algorithm 1", "guidance-free"}
+    ratio = rows["guidance-free"]["flops_per_step"] / rows["Algorithm 1"]["flops_per_step"]
+    assert 1.30 < ratio < 1.40, ratio

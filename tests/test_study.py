@@ -1,0 +1,33 @@
+"""scripts/study.py's pieces that the notebooks' headlines rest on, against values worked out by hand."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import study  # noqa: E402
+
+
+def point(fid, accuracy, nfe=2.0):
+    return dict(fid=fid, accuracy=accuracy, nfe=nfe)
+
+
+def test_fid_at_accuracy_interpolates_log_fid_between_the_bracketing_points():
+    curve = [point(30.0, 0.95, 1.0), point(40.0, 0.97), point(90.0, 0.99), point(200.0, 1.0)]
+    # 0.98 is halfway from 0.97 to 0.99: the geometric mean of 40 and 90 is 60.
+    fid, nfe = study.fid_at_accuracy(curve, 0.98)
+    assert fid == pytest.approx(60.0, rel=1e-12) and nfe == 2.0
+    # a quarter of the way from 0.95 to 0.97: 30^(3/4) 40^(1/4)
+    assert study.fid_at_accuracy(curve, 0.955)[0] == pytest.approx(30 ** 0.75 * 40 ** 0.25, rel=1e-12)
+    assert study.fid_at_accuracy(curve, 0.99) == (90.0, 2.0)  # on a point: that point
+
+
+def test_fid_at_accuracy_at_the_ends():
+    curve = [point(30.0, 0.95, 1.0), point(40.0, 0.97)]
+    assert study.fid_at_accuracy(curve, 0.90) == (30.0, 1.0)  # the first point already reaches it
+    assert study.fid_at_accuracy(curve, 0.98) is None  # never reached
+    assert study.fid_at_accuracy([], 0.5) is None
+    # the first crossing counts, even if accuracy falls and rises again later
+    wavy = [point(10.0, 0.5), point(20.0, 0.7), point(15.0, 0.6), point(25.0, 0.8)]
+    assert study.fid_at_accuracy(wavy, 0.6)[0] == pytest.approx(math.sqrt(10.0 * 20.0), rel=1e-12)

@@ -43,8 +43,8 @@ sample.py does not offer yet: those sampling figures are what a bf16 sampler wou
 """
 import argparse
 import copy
-import dataclasses
 import ctypes
+import dataclasses
 import json
 import math
 import os

@@ -2,7 +2,7 @@
 to a .py file that breaks a notebook fails the test suite. The committed notebooks keep the
 outputs of their real runs; this executes copies in memory and writes nothing.
 
-Notebooks 02, 04, 05 and 06 train on mnist-4k (4,000 real MNIST digits). They read it from the folder
+Notebooks 02, 04 and 05 train on mnist-4k (4,000 real MNIST digits). They read it from the folder
 named by CFG_DATA_DIR, else from ../shared/data/mnist-4k beside the checkout, where CI keeps it; with
 neither, their tests are skipped and say so. `python scripts/make_mnist_subset.py --out DIR` makes a
 comparable folder from the official MNIST download; `CFG_DATA_DIR=DIR python -m pytest ...` then runs them.
@@ -27,8 +27,7 @@ NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 # Notebooks that cannot run without mnist-4k. Notebook 02 also uses Fashion-MNIST where it finds it
 # (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode where it does not.
-NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb", "05_guidance_family.ipynb",
-                  "06_guidance_free.ipynb"}
+NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb", "05_guidance_family.ipynb"}
 
 
 # Committed before its figures were kept, and not yet executed again (its CIFAR-10 study must be drawn first).

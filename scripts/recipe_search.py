@@ -1,4 +1,4 @@
-"""Time-to-quality search for the 28×28 presets: which network and training settings give the best
+"""Time-to-quality search for the CPU presets: which network and training settings give the best
 samples per minute of CPU training (docs/results.md, "A recipe for CPU minutes").
 
 Each candidate is a U-Net config (model.UNetConfig) and train.py flags. `train` trains it with train.py
@@ -20,6 +20,14 @@ shared the machine during training does not enter the figures.
     OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --data-dir data/mnist-4k --w 0 --out out/recipes
     python scripts/recipe_search.py time --data-dir data/mnist-4k --out out/recipes    # 2 threads
     python scripts/recipe_search.py report --data-dir data/mnist-4k --out out/recipes  # -> docs/recipes.png
+
+CIFAR-10 (32×32 colour) has candidates of its own, named cifar-*, trained with CPU-sized settings (the cifar10
+preset's defaults are the DDPM GPU recipe) and scored by the CIFAR-10 metrics classifier against the test split:
+
+    python metrics.py train-classifier --dataset cifar10 --data-dir DIR
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py train --dataset cifar10 --data-dir DIR --minutes 20 40 80
+    OMP_NUM_THREADS=1 python scripts/recipe_search.py evaluate --dataset cifar10 --data-dir DIR --w 1 3
+    python scripts/recipe_search.py report --dataset cifar10 --data-dir DIR --report-w 1 3 --plot docs/recipes_cifar10.png
 
 (data/mnist-4k: 4,000 real MNIST training digits, 400 per class; scripts/make_mnist_subset.py makes it.) `report`
 reads results.jsonl and timings.json from --out; docs/recipes.jsonl and docs/recipes_timings.json are the
@@ -47,7 +55,9 @@ from model import UNetConfig, load_checkpoint, model_from_checkpoint  # noqa: E4
 from sample import FAST_SAMPLER, sample  # noqa: E402
 
 MNIST = dict(image_size=28, in_channels=1, num_classes=10)
-CANDIDATES = {  # name -> (UNetConfig fields, train.py flags)
+CIFAR10 = dict(image_size=32, in_channels=3, num_classes=10)
+SHAPES = {"mnist": MNIST, "fashion-mnist": MNIST, "cifar10": CIFAR10}
+CANDIDATES = {  # name -> (UNetConfig fields, train.py flags); 28×28 single-channel
     "baseline": (dict(channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attention_resolutions=(7,), dropout=0.1),
                  ["--batch-size", "32", "--lr", "1e-3"]),
     "shallow": (dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,), dropout=0.1),
@@ -63,6 +73,23 @@ CANDIDATES = {  # name -> (UNetConfig fields, train.py flags)
     "tiny-b32": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
                  ["--batch-size", "32", "--lr", "1e-3"]),
 }
+# 32×32 colour (--dataset cifar10). train.py's cifar10 defaults are the DDPM GPU recipe (lr 2e-4, 5,000 warm-up
+# steps, no EMA ramp), so each candidate brings the CPU presets' settings: a short warm-up and the EMA ramp.
+CPU = ["--warmup-steps", "100", "--ema-warmup"]
+CIFAR_CANDIDATES = {
+    "cifar-tiny": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
+                   ["--batch-size", "64", "--lr", "2e-3", *CPU]),  # the mnist preset at 32×32 colour
+    "cifar-small": (dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.1),
+                    ["--batch-size", "64", "--lr", "1e-3", *CPU]),
+    "cifar-wide": (dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.1),
+                   ["--batch-size", "32", "--lr", "5e-4", *CPU]),
+}
+
+
+def candidates(dataset):
+    """The candidates that fit this dataset's image shape: name -> (UNetConfig fields, train.py flags)."""
+    return CIFAR_CANDIDATES if dataset == "cifar10" else CANDIDATES
+
 
 # train.main in a process whose model.PRESETS[dataset] is the candidate's config (argv[1], JSON).
 TRAIN_WITH_CONFIG = """
@@ -89,7 +116,7 @@ def train_until(config, flags, dataset, data_dir, out, steps):
 
 
 def evaluate(ckpt_path, clf, ref_feats, n, ws, sampler, steps, seed=0):
-    """MNIST FID / IS / accuracy of n samples (n/10 per class) per w, the same noise for every checkpoint."""
+    """FID / IS / accuracy (the project's metrics classifier) of n samples (n/10 per class) per w, the same noise for every checkpoint."""
     model = model_from_checkpoint(load_checkpoint(ckpt_path), "ema").eval()
     labels = torch.arange(10).repeat_interleave(n // 10)
     results = {}
@@ -105,8 +132,8 @@ def train_candidates(args):
     """Train each candidate to its milestones; one line per milestone in trained.jsonl (no sampling here)."""
     os.makedirs(args.out, exist_ok=True)
     for name in args.candidates:
-        fields, flags = CANDIDATES[name]
-        config = dataclasses.asdict(UNetConfig(**MNIST, **fields))
+        fields, flags = candidates(args.dataset)[name]
+        config = dataclasses.asdict(UNetConfig(**SHAPES[args.dataset], **fields))
         out = os.path.join(args.out, args.dataset, name)
         if args.train_steps:  # milestones in steps: continue the run in `out` (exactly, by --resume) if there is one
             milestones = args.train_steps
@@ -174,12 +201,14 @@ def time_candidates(args):
     path = os.path.join(args.out, "timings.json")
     timings = json.load(open(path)) if os.path.exists(path) else {}
     for name in args.candidates:
-        fields, flags = CANDIDATES[name]
+        fields, flags = candidates(args.dataset)[name]
         train_args = train.parse_args(["--dataset", args.dataset, "--data-dir", args.data_dir, *flags])
-        net = UNet(UNetConfig(**MNIST, **fields))
+        shape = SHAPES[args.dataset]
+        net = UNet(UNetConfig(**shape, **fields))
         ema, optimizer = copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=train_args.lr)
         g = torch.Generator().manual_seed(0)
-        x = torch.rand(train_args.batch_size, 1, 28, 28, generator=g) * 2 - 1
+        x = torch.rand(train_args.batch_size, shape["in_channels"], shape["image_size"], shape["image_size"],
+                       generator=g) * 2 - 1
         labels = torch.randint(0, 10, (train_args.batch_size,), generator=g)
         seconds = []
         for step in range(25):  # 5 warm-up steps, then the median of 20
@@ -193,35 +222,47 @@ def time_candidates(args):
 
 
 def report(args):
-    """The recipe table (markdown) and the quality-against-minutes plot: minutes are steps × the candidate's
-    ms/step from timings.json (training alone, no contention), so they do not depend on what else ran."""
+    """The recipe table (markdown) and the quality-against-minutes plot at each w of --report-w (solid, dashed, ...):
+    minutes are steps × the candidate's ms/step from timings.json (training alone, no contention), so they do not
+    depend on what else ran."""
     timings = json.load(open(os.path.join(args.out, "timings.json")))
     rows = [r for r in map(json.loads, open(os.path.join(args.out, "results.jsonl")))
             if r["dataset"] == args.dataset and r["candidate"] in timings]
+    if not rows:
+        raise SystemExit(f"recipe_search.py: no scored {args.dataset} milestone with a timing in {args.out}: run "
+                         "evaluate and time first")
+    ws = [str(float(w)) for w in args.report_w]
+    missing = sorted({w for r in rows for w in ws if w not in r["results"]})
+    if missing:
+        raise SystemExit(f"recipe_search.py: no results at w = {', '.join(missing)} in {args.out}/results.jsonl: "
+                         "evaluate with these --w, or report the w it has")
     floor = rows[0]["floor"]
     print(f"real data (n = {rows[0]['n']}): FID {floor['fid']:.2f}, accuracy {floor['accuracy']:.3f}\n")
-    print("| candidate | network | batch, lr | params | ms/step | steps | minutes | FID (w = 0) | accuracy (w = 0) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    at = [f"{key} (w = {float(w):g})" for w in ws for key in ("FID", "accuracy")]
+    print("| candidate | network | batch, lr | params | ms/step | steps | minutes | " + " | ".join(at) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(at))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for k, name in enumerate(c for c in CANDIDATES if c in {r["candidate"] for r in rows}):
+    for k, name in enumerate(c for c in candidates(args.dataset) if c in {r["candidate"] for r in rows}):
         mine = sorted((r for r in rows if r["candidate"] == name), key=lambda r: r["steps"])
         ms = timings[name]["ms_per_step"]
         c = mine[0]["config"]
         for r in mine:
-            res = r["results"]["0.0"]
+            scores = " | ".join(f"{r['results'][w]['fid']:.1f} | {r['results'][w]['accuracy']:.3f}" for w in ws)
             print(f"| {name} | {c['channels']} ch × {tuple(c['channel_mult'])}, {c['num_res_blocks']} block(s), dropout "
                   f"{c['dropout']} | {r['flags'][1]}, {r['flags'][3]} | {r['params'] / 1e6:.2f}M | {ms:.0f} | {r['steps']} | "
-                  f"{r['steps'] * ms / 60000:.1f} | {res['fid']:.1f} | {res['accuracy']:.3f} |")
+                  f"{r['steps'] * ms / 60000:.1f} | {scores} |")
         minutes = [r["steps"] * ms / 60000 for r in mine]
         for ax, key in zip(axes, ("fid", "accuracy")):
-            ax.plot(minutes, [r["results"]["0.0"][key] for r in mine], "o-", color=f"C{k}", label=name)
+            for style, w in zip(("o-", "s--", "^:", "v-."), ws):
+                ax.plot(minutes, [r["results"][w][key] for r in mine], style, color=f"C{k}",
+                        label=name if len(ws) == 1 else f"{name}, w = {float(w):g}")
     for ax, key in zip(axes, ("fid", "accuracy")):
         ax.axhline(floor[key], ls="--", c="gray", label="real data")
         ax.set(xlabel=f"training minutes ({next(iter(timings.values()))['threads']} threads, this machine)",
-               ylabel=f"{key} at w = 0",
+               ylabel=f"{key} at w = " + ", ".join(f"{float(w):g}" for w in ws),
                yscale="log" if key == "fid" else "linear")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -232,9 +273,10 @@ def report(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["train", "evaluate", "time", "report"])
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--candidates", nargs="+", choices=[*CANDIDATES, *CIFAR_CANDIDATES],
+                   help="default: every candidate of the dataset's shape (cifar10: the cifar-* ones)")
     p.add_argument("--minutes", type=float, nargs="+", default=[4, 8, 16, 24], help="milestones, training minutes")
     p.add_argument("--train-steps", type=int, nargs="+", help="milestones in steps instead of --minutes; an existing run of "
                    "the candidate is continued (train.py --resume), not restarted")
@@ -244,8 +286,14 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's)")
     p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
     p.add_argument("--out", default=os.path.join(REPO, "out", "recipes"))
+    p.add_argument("--report-w", type=float, nargs="+", default=[0.0], help="report: the w of the table and plot")
     p.add_argument("--plot", default=os.path.join(REPO, "docs", "recipes.png"))
     args = p.parse_args()
+    fitting = candidates(args.dataset)
+    args.candidates = args.candidates or list(fitting)
+    wrong = [c for c in args.candidates if c not in fitting]
+    if wrong:
+        p.error(f"not a {args.dataset} candidate: {', '.join(wrong)}; choose from {', '.join(fitting)}")
     dict(train=train_candidates, evaluate=evaluate_milestones, time=time_candidates, report=report)[args.command](args)
 
 

@@ -1,0 +1,89 @@
+"""Tests for scripts/recipe_search.py: CIFAR-10's candidates train with train.py at 32×32 colour to their
+milestones with the CPU settings they name; a candidate of the other image shape is refused in one line; and
+the report's minutes and scores come from the files it reads (steps × ms per step, worked out here).
+
+Run: python -m pytest -q tests/test_recipe_search.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "recipe_search.py")
+
+
+def recipe_search(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def cifar_folder(root, per_class=7):
+    """root/train/<CIFAR-10 class>/<i>.png, 32×32 random colour (the layout of the JPEG CIFAR-10), 70 images: one
+    batch of 64."""
+    rng = np.random.default_rng(0)
+    for name in data.CLASS_NAMES["cifar10"]:
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_a_cifar10_candidate_trains_at_32x32_colour_to_each_milestone_with_its_cpu_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    folder, out = cifar_folder(tmp_path / "cifar"), tmp_path / "recipes"
+    run = recipe_search("train", "--dataset", "cifar10", "--data-dir", folder, "--candidates", "cifar-tiny",
+                        "--train-steps", 1, 2, "--out", out)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in open(out / "trained.jsonl")]
+    assert [(r["candidate"], r["dataset"], r["steps"]) for r in rows] == [("cifar-tiny", "cifar10", 1),
+                                                                          ("cifar-tiny", "cifar10", 2)]
+    for r in rows:  # r["ckpt"]: relative to the repository
+        ckpt = torch.load(os.path.join(REPO, r["ckpt"]), map_location="cpu", weights_only=False)
+        assert ckpt["step"] == r["steps"]
+        config = ckpt["config"]
+        assert (config["image_size"], config["in_channels"], config["channels"]) == (32, 3, 16)
+        # the candidate's CPU settings, not the cifar10 preset's DDPM ones (warm-up 5,000, no EMA ramp, lr 2e-4)
+        assert (ckpt["args"]["warmup_steps"], ckpt["args"]["ema_warmup"], ckpt["args"]["lr"]) == (100, True, 2e-3)
+
+
+def test_a_candidate_of_the_other_image_shape_is_refused_in_one_line(tmp_path):
+    run = recipe_search("train", "--dataset", "cifar10", "--data-dir", tmp_path, "--candidates", "tiny",
+                        "--out", tmp_path / "recipes")
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert "not a cifar10 candidate: tiny" in last and "cifar-tiny" in last  # and names the ones to choose from
+    assert not (tmp_path / "recipes").exists()
+
+
+def test_the_report_takes_minutes_as_steps_times_ms_and_the_scores_at_each_asked_w(tmp_path):
+    out = tmp_path / "recipes"
+    out.mkdir()
+    json.dump({"cifar-small": {"ms_per_step": 750.0, "threads": 2}}, open(out / "timings.json", "w"))
+    config = dict(channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, dropout=0.1)
+    floor = dict(fid=3.0, accuracy=0.9, **{"is": 9.0})
+    with open(out / "results.jsonl", "w") as f:
+        for steps, fid1, acc3 in ((800, 120.0, 0.512), (1600, 80.0, 0.806)):
+            f.write(json.dumps(dict(candidate="cifar-small", dataset="cifar10", config=config, steps=steps, n=1000,
+                                    flags=["--batch-size", "64", "--lr", "1e-3"], params=1.5e6, floor=floor,
+                                    results={"1.0": dict(fid=fid1, accuracy=0.3), "3.0": dict(fid=99.0, accuracy=acc3)}))
+                    + "\n")
+    run = recipe_search("report", "--dataset", "cifar10", "--data-dir", tmp_path, "--out", out, "--report-w", 1, 3,
+                        "--plot", tmp_path / "plot.png")
+    assert run.returncode == 0, run.stderr
+    table = [line for line in run.stdout.splitlines() if line.startswith("| cifar-small")]
+    # 800 steps × 750 ms = 10.0 min; 1600 steps = 20.0 min; then FID and accuracy at w = 1, then at w = 3
+    assert [line.split(" | ")[5:] for line in table] == [["800", "10.0", "120.0", "0.300", "99.0", "0.512 |"],
+                                                         ["1600", "20.0", "80.0", "0.300", "99.0", "0.806 |"]]
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    missing = recipe_search("report", "--dataset", "cifar10", "--data-dir", tmp_path, "--out", out, "--report-w", 2,
+                            "--plot", tmp_path / "plot2.png")
+    assert missing.returncode != 0
+    assert "no results at w = 2.0" in missing.stderr.strip().splitlines()[-1]

@@ -19,7 +19,8 @@ What it prints (and writes with --json):
   backward), FLOP/s and that as a fraction of the matmul rate ("MFU"), and the peak memory of a step
   (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA);
 - per preset: seconds per sampling step for a batch of 64 at w = 0 and at w = 1, the latter both as
-  one batch of 2B and as two passes of B (`guided_as` below), the ratios to w = 0, which of the two
+  one batch of 2B and as two passes of B (`guided_as` below), with --guidance-free also on the
+  guidance-free network at w = 1 (one evaluation), the ratios to w = 0, which of the two
   guided_eps uses on this device ("ratio" is that one's), and the time to draw 50,000 guided samples
   that way at T = 256 (Algorithm 2) and at the fast sampler's default T at that batch size.
 On CPU, malloc keeps freed memory for the whole run, as in sample.py (fast_cpu.keep_freed_memory;
@@ -39,7 +40,7 @@ sample.py does not offer yet: those sampling figures are what a bf16 sampler wou
     python bench.py --device cuda --amp --compile     # GPU: bf16 autocast and torch.compile
     python bench.py --batch-size mnist=128 cifar10=16
     python bench.py --plain                           # CPU: without fast_cpu (glibc malloc's defaults)
-    python bench.py --presets mnist --guidance-free --no-sample   # + guidance-free training's step
+    python bench.py --presets mnist --guidance-free   # + guidance-free training's step and sampling step
 """
 import argparse
 import copy
@@ -58,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fast_cpu
 from model import PRESETS, UNet
-from guidance import ONE_BATCH, guided_eps
+from guidance import ONE_BATCH, guidance_free_eps, guided_eps
 from sample import FAST_SAMPLER, SAMPLERS, sample
 from train import DATASET_DEFAULTS, fail as train_fail, parse_args, train_step
 
@@ -185,9 +186,9 @@ class CountingModel:
     def __getattr__(self, name):  # config, null_label: read through to the network
         return getattr(self.net, name)
 
-    def __call__(self, z, logsnr, labels):
+    def __call__(self, z, logsnr, labels, **kwargs):  # kwargs: the strength β of a guidance-free network
         self.images += len(z)
-        return self.net(z, logsnr, labels)
+        return self.net(z, logsnr, labels, **kwargs)
 
 
 def guided_as(one_batch):
@@ -206,8 +207,9 @@ def guided_as(one_batch):
 
 def bench_sample(preset, device, args):
     """Seconds per step of sample.sample (steps=1: one step of Algorithm 2) at w = 0, and at w = 1 with
-    the two evaluations both as one batch of 2B and as two passes of B (guided_as). The three are timed in turn, round after round, so that a slow spell on a shared
-    machine hits them alike; ratios are of the best times."""
+    the two evaluations both as one batch of 2B and as two passes of B (guided_as); with --guidance-free also at
+    w = 1 on the guidance-free network (guidance.guidance_free_eps: one evaluation). They are timed in turn, round
+    after round, so that a slow spell on a shared machine hits them alike; ratios are of the best times."""
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
@@ -215,6 +217,11 @@ def bench_sample(preset, device, args):
     variants = {"w0": (0.0, guided_eps), "w1_one_batch": (GUIDED_W, guided_as(True)),
                 "w1_two_passes": (GUIDED_W, guided_as(False))}
     counted = {key: CountingModel(net) for key in variants}
+    if args.guidance_free:  # the network of train.py --guidance-free: its strength input β, one evaluation at any w
+        raw_gft, net_gft = build(preset, device, args, guidance_free=True)
+        raw_gft.eval()
+        variants["w1_guidance_free"] = (GUIDED_W, guidance_free_eps)
+        counted["w1_guidance_free"] = CountingModel(net_gft)
 
     def one_step(key):
         w, rule = variants[key]
@@ -235,7 +242,7 @@ def bench_sample(preset, device, args):
         result[f"{key}_seconds_best"] = min(seconds[key])
         result[f"{key}_seconds_median"] = statistics.median(seconds[key])
         result[f"{key}_evals_per_step"] = counted[key].images / ((args.warmup + rounds) * args.sample_batch_size)
-    for key in ("w1_one_batch", "w1_two_passes"):
+    for key in [k for k in variants if k != "w0"]:
         result[f"ratio_{key[3:]}"] = result[f"{key}_seconds_best"] / result["w0_seconds_best"]
     result["guided_way"] = "one_batch" if ONE_BATCH.get(device.type, True) else "two_passes"  # guided_eps's here
     result["ratio"] = result[f"ratio_{result['guided_way']}"]
@@ -244,6 +251,10 @@ def bench_sample(preset, device, args):
     result["hours_50k_T256_guided"] = batches * 256 * guided_seconds / 3600
     result["fast_sampler"], result["fast_steps"] = FAST_SAMPLER, SAMPLERS[FAST_SAMPLER]["steps"]
     result["hours_50k_fast_guided"] = batches * result["fast_steps"] * guided_seconds / 3600
+    if "w1_guidance_free" in variants:
+        result["guidance_free_vs_guided"] = result["w1_guidance_free_seconds_best"] / guided_seconds
+        result["hours_50k_fast_guidance_free"] = (batches * result["fast_steps"]
+                                                  * result["w1_guidance_free_seconds_best"] / 3600)
     return result
 
 
@@ -300,6 +311,12 @@ def print_tables(report):
           f"{report['sample'][0]['guided_way'].replace('_', ' ')} here,\n which the 50k columns use; ratio = guided / "
           f"unguided, limit 2.0; fast: "
           f"{report['sample'][0]['fast_sampler']} at T = {report['sample'][0]['fast_steps']})")
+    for r in report["sample"]:
+        if "w1_guidance_free_seconds_best" in r:
+            print(f"{r['preset']}: guidance-free at w = 1: {r['w1_guidance_free_seconds_best']:.4f} s per step "
+                  f"({r['w1_guidance_free_evals_per_step']:.0f} evaluation per image), {r['ratio_guidance_free']:.2f}x "
+                  f"the unguided step and {r['guidance_free_vs_guided']:.2f}x the guided one; 50k fast: "
+                  f"{r['hours_50k_fast_guidance_free']:.2f} h")
 
 
 def main(argv=None):
@@ -325,7 +342,8 @@ def main(argv=None):
                         "figures that other processes on a shared machine barely disturb")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
     p.add_argument("--guidance-free", action="store_true",
-                   help="also time train.py --guidance-free's step (gft_loss: one more forward pass) per preset")
+                   help="also time train.py --guidance-free's step (gft_loss: one more forward pass) and its network's "
+                        "sampling step at w = 1 (one evaluation) per preset")
     p.add_argument("--matmul-sizes", type=int, nargs="+", metavar="N",
                    help="n of the n×n matmuls that measure the machine's rate (default: CUDA 4096 8192, CPU 2048 "
                         "4096; small ones only for a quick check: they understate the rate and overstate MFU)")

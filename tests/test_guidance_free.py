@@ -477,17 +477,24 @@ def test_train_py_switch_trains_a_network_that_samples_at_one_evaluation(tmp_pat
     assert proc.returncode == 0 and (tmp_path / "s.png").exists(), proc.stderr
 
 
-def test_bench_times_the_guidance_free_step_at_one_more_forward_pass(tmp_path):
+def test_bench_times_the_guidance_free_step_at_one_more_forward_pass_and_samples_at_one_evaluation(tmp_path):
     """bench.py --guidance-free: a second training row per preset whose FLOPs are Algorithm 1's plus one forward
     pass. A training step's convolutions and matmuls cost a forward F and a backward of about 2F (the gradients of
     the input and of the weights, each a forward's worth), so the ratio is about (3F + F) / 3F = 4/3; the first
-    layer has no input gradient, which moves it up a little."""
+    layer has no input gradient, which moves it up a little. Its sampling row at w = 1 evaluates the network once
+    per image and step, as the unguided one does, where CFG's evaluates it twice (counted by bench's model)."""
     import bench
     out = tmp_path / "bench.json"
-    bench.main(["--presets", "digits", "--guidance-free", "--no-sample", "--iters", "1", "--min-seconds", "0",
-                "--matmul-sizes", "64", "--json", str(out)])
+    bench.main(["--presets", "digits", "--guidance-free", "--iters", "1", "--min-seconds", "0", "--sample-iters", "1",
+                "--sample-batch-size", "4", "--matmul-sizes", "64", "--json", str(out)])
     import json
-    rows = {r["loss"]: r for r in json.loads(out.read_text())["train"]}
+    report = json.loads(out.read_text())
+    rows = {r["loss"]: r for r in report["train"]}
     assert set(rows) == {"Algorithm 1", "guidance-free"}
     ratio = rows["guidance-free"]["flops_per_step"] / rows["Algorithm 1"]["flops_per_step"]
     assert 1.30 < ratio < 1.40, ratio
+    (sampled,) = report["sample"]
+    evals = {key: sampled[f"{key}_evals_per_step"] for key in ("w0", "w1_one_batch", "w1_two_passes", "w1_guidance_free")}
+    assert evals == {"w0": 1.0, "w1_one_batch": 2.0, "w1_two_passes": 2.0, "w1_guidance_free": 1.0}
+    assert sampled["guidance_free_vs_guided"] == pytest.approx(
+        sampled["w1_guidance_free_seconds_best"] / sampled[f"w1_{sampled['guided_way']}_seconds_best"])

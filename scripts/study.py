@@ -1,4 +1,4 @@
-"""The studies behind notebooks 02, 04 and 05: sample.py runs, cached as npz files, scored by metrics.py.
+"""The studies behind notebooks 02, 04, 05 and 06: sample.py runs, cached as npz files, scored by metrics.py.
 
 A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
 rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
@@ -93,6 +93,14 @@ class Scorer:
         return {w: self.score(images[ws == w], labels[ws == w]) for w in torch.unique(ws).tolist()}
 
 
+def _crossing(a, b, accuracy):
+    """The point between a and b (metrics dicts) at `accuracy`: FID linear in log FID against accuracy; the NFE of
+    the end that reaches it."""
+    t = (accuracy - a["accuracy"]) / (b["accuracy"] - a["accuracy"])
+    return (math.exp((1 - t) * math.log(a["fid"]) + t * math.log(b["fid"])),
+            (b if b["accuracy"] >= accuracy else a)["nfe"])
+
+
 def fid_at_accuracy(points, accuracy):
     """(FID, NFE/step) where a curve first reaches a class accuracy, or None if it never does.
 
@@ -104,9 +112,20 @@ def fid_at_accuracy(points, accuracy):
         return seq[0]["fid"], seq[0]["nfe"]
     for a, b in zip(seq, seq[1:]):
         if a["accuracy"] < accuracy <= b["accuracy"]:
-            t = (accuracy - a["accuracy"]) / (b["accuracy"] - a["accuracy"])
-            return math.exp((1 - t) * math.log(a["fid"]) + t * math.log(b["fid"])), b["nfe"]
+            return _crossing(a, b, accuracy)
     return None
+
+
+def lowest_fid_at_accuracy(points, accuracy):
+    """(FID, NFE/step): the lowest FID a curve gives at a class accuracy of at least `accuracy` (its points that
+    reach it, and where it crosses it between two points, interpolated as fid_at_accuracy does), or None. The
+    same as fid_at_accuracy on a curve whose FID rises with accuracy; lower on one that reaches the accuracy at
+    its first point and falls back towards it (a user who wants that accuracy picks the best strength)."""
+    seq = list(points)
+    found = [(p["fid"], p["nfe"]) for p in seq if p["accuracy"] >= accuracy]
+    found += [_crossing(a, b, accuracy) for a, b in zip(seq, seq[1:])
+              if min(a["accuracy"], b["accuracy"]) < accuracy <= max(a["accuracy"], b["accuracy"])]
+    return min(found, default=None)
 
 
 def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
@@ -115,7 +134,7 @@ def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
             *(["--steps", steps] if steps else [])]
 
 
-W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebook 02 (and 05, which reads its cells)
+W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebooks 02 and 06
 
 
 def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True):
@@ -180,6 +199,18 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
     return cells
 
 
+def plan_06(cfg_ckpt, gft_ckpt, n_per_class, steps=None):
+    """notebook 06: the guidance-free model (train.py --guidance-free) over CFG's w grid at one evaluation per step,
+    and both models again from a second noise set (--seed 1: image (c, j) starts from the noise of seed (1, c, j)),
+    the guidance-free one over the whole grid, the CFG one up to w = 1, where the matched accuracies lie. CFG's
+    first noise set is notebook 02's cells cfg-a and cfg-b (seed 0)."""
+    gft = [*common(gft_ckpt, n_per_class, steps), "--guidance", "guidance-free"]
+    return {"gft-a": [*gft, "--w", *W_GRID[:5]],
+            "gft-b": [*gft, "--w", *W_GRID[5:]],
+            "gft-seed1": [*gft, "--seed", 1, "--w", *W_GRID],
+            "cfg-seed1": [*common(cfg_ckpt, n_per_class, steps), "--seed", 1, "--w", *W_GRID[:6]]}
+
+
 def number(text):
     """A command-line number as the notebooks write it (-4, not -4.0): the cells' commands are their cache keys."""
     value = float(text)
@@ -188,12 +219,13 @@ def number(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("study", choices=["02", "04", "05"])
+    p.add_argument("study", choices=["02", "04", "05", "06"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02: p_uncond ablation checkpoints")
     p.add_argument("--classifier-ckpt", help="04: the noise-conditional classifier (classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT", help="05: autoguidance's bad models")
+    p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py --guidance-free); --ckpt: the CFG one")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"), help="05: the interval for its w sweep")
     p.add_argument("--no-check", action="store_true", help="02: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
@@ -206,6 +238,10 @@ def main():
         cells = plan_02(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
     elif args.study == "04":
         cells = plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class)
+    elif args.study == "06":
+        if not args.gft_ckpt:
+            p.error("study 06 needs --gft-ckpt, the guidance-free model")
+        cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
     else:
         cells = plan_05(args.ckpt, dict(item.split("=", 1) for item in args.guide_ckpt), args.n_per_class,
                         interval=args.interval)

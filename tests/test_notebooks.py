@@ -26,8 +26,10 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 # Notebooks that cannot run without mnist-4k. Notebook 02 also uses Fashion-MNIST where it finds it
-# (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode where it does not.
-NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb", "05_guidance_family.ipynb"}
+# (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode where it does not;
+# notebook 06 uses it outside quick mode only.
+NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb", "05_guidance_family.ipynb",
+                  "06_guidance_free.ipynb"}
 
 
 # Committed before its figures were kept, and not yet executed again (its CIFAR-10 study must be drawn first).

@@ -31,3 +31,19 @@ def test_fid_at_accuracy_at_the_ends():
     # the first crossing counts, even if accuracy falls and rises again later
     wavy = [point(10.0, 0.5), point(20.0, 0.7), point(15.0, 0.6), point(25.0, 0.8)]
     assert study.fid_at_accuracy(wavy, 0.6)[0] == pytest.approx(math.sqrt(10.0 * 20.0), rel=1e-12)
+
+
+def test_lowest_fid_at_accuracy_takes_the_best_strength_that_reaches_it():
+    # FID rising with accuracy: the first crossing, as fid_at_accuracy
+    curve = [point(30.0, 0.95, 1.0), point(40.0, 0.97), point(90.0, 0.99), point(200.0, 1.0)]
+    assert study.lowest_fid_at_accuracy(curve, 0.98)[0] == pytest.approx(60.0, rel=1e-12)
+    assert study.lowest_fid_at_accuracy(curve, 0.90) == (30.0, 1.0)
+    assert study.lowest_fid_at_accuracy(curve, 1.01) is None
+    # a first point above the target and a second closer to it with a lower FID: the second, not the first
+    start = [point(56.0, 0.984, 1.0), point(44.0, 0.973, 1.0), point(50.0, 0.982, 1.0)]
+    assert study.fid_at_accuracy(start, 0.971) == (56.0, 1.0)
+    assert study.lowest_fid_at_accuracy(start, 0.971) == (44.0, 1.0)
+    # 0.978 is crossed twice: down from 56 (0.984) to 44 (0.973), 6/11 of the way: 56^(5/11) 44^(6/11) = 49.1; up
+    # from 44 to 50 (0.982), 5/9 of the way: 44^(4/9) 50^(5/9) = 47.2, the lower, and below both points above 0.978
+    fid, nfe = study.lowest_fid_at_accuracy(start, 0.978)
+    assert fid == pytest.approx(44.0 ** (4 / 9) * 50.0 ** (5 / 9), rel=1e-12) and nfe == 1.0

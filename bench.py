@@ -23,8 +23,9 @@ What it prints (and writes with --json):
   guidance-free network at w = 1 (one evaluation), the ratios to w = 0, which of the two
   guided_eps uses on this device ("ratio" is that one's), and the time to draw 50,000 guided samples
   that way at T = 256 (Algorithm 2) and at the fast sampler's default T at that batch size.
-On CPU, malloc keeps freed memory for the whole run, as in sample.py (fast_cpu.keep_freed_memory;
-it makes no measurable difference to training, which does not use it); --plain measures without.
+On CPU, malloc keeps freed memory for the whole run, as in sample.py (fast_cpu.keep_freed_memory);
+train.py does not use it, so --plain (without it) times training as train.py runs it. On CPU-B at one
+thread it made Algorithm 1's mnist step 3% faster and the guidance-free one 11% (docs/results.md).
 Times are the best and the median of --iters steps (more for fast presets, until --min-seconds of
 timing). On a shared machine the best is the estimate of the unloaded speed, and the matmul rate is
 the best of all its measurements (before each preset and at the end); `--threads 1 --cpu-time` times

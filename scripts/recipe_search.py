@@ -7,7 +7,7 @@ that end at the given minutes (calibrated from its first 100 steps; `--resume` c
 exactly, so the checkpoint at each milestone is the one a single run of that many steps writes), and
 lists the milestones in trained.jsonl. `evaluate` draws --n samples from each milestone's EMA weights
 (balanced classes, the same noise for every candidate and milestone) with the fast sampler at the given
-w, scored with the project's metrics classifier against held-out real digits (metrics.load_splits),
+w, scored with the project's metrics classifier against held-out real images (metrics.load_splits),
 the real-data floor at the same count beside them (results.jsonl). `time` measures each candidate's
 milliseconds per training step in one process with this process's threads (run it on a quiet machine),
 and `report` prints the table and draws the plot with minutes = steps × ms/step, so that what else

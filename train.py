@@ -275,8 +275,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="digits", choices=DATASETS + (IMAGE_FOLDER,))
     p.add_argument("--data-dir", default="./data", help="where data.py finds or downloads the files (imagefolder: "
                    "the folder holding train/<class>/)")
-    p.add_argument("--preset", choices=list(PRESETS), help="imagefolder only: the model.PRESETS network and the "
-                   "per-dataset recipe to train (default mnist)")
+    p.add_argument("--preset", choices=list(PRESETS), help="the model.PRESETS network and its per-dataset recipe "
+                   "(default the dataset's own; imagefolder: mnist's); for a named dataset, one of its image shape")
     p.add_argument("--image-size", type=number(int, 8), help="imagefolder only: H = W the images are brought to "
                    "(default the preset's)")
     p.add_argument("--holdout", type=count, help="images per class left out of training, for the metrics' "
@@ -312,10 +312,15 @@ def parse_args(argv=None):
         args.preset = args.preset or recipe["preset"]
         recipe = DATASET_DEFAULTS[args.preset]
         args.image_size = args.image_size or PRESETS[args.preset].image_size
-    elif args.preset is not None or args.image_size is not None:
-        fail(f"--preset and --image-size apply to --dataset {IMAGE_FOLDER} only: {args.dataset} trains its own "
-             "preset in model.py at its own size")
-    else:
+    elif args.image_size is not None:
+        fail(f"--image-size applies to --dataset {IMAGE_FOLDER} only: {args.dataset} trains at its own size")
+    else:  # a named dataset: its own preset, or another network and recipe for the same image shape
+        if args.preset is not None:
+            fitting = [name for name in PRESETS if same_shape(PRESETS[name], PRESETS[args.dataset])]
+            if args.preset not in fitting:
+                fail(f"--preset {args.preset} is not a network for the images of {args.dataset}: choose one of "
+                     f"{', '.join(fitting)}, or use --dataset {IMAGE_FOLDER}, which fits a preset to any images")
+            recipe = DATASET_DEFAULTS[args.preset]
         args.image_size = PRESETS[args.dataset].image_size
     for name, value in recipe.items():
         if getattr(args, name) is None:
@@ -346,6 +351,11 @@ def pick_device(args):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device, rank, world_size
+
+
+def same_shape(a, b):
+    """Whether two UNetConfigs take the same images and classes (so one's dataset can train the other)."""
+    return (a.image_size, a.in_channels, a.num_classes) == (b.image_size, b.in_channels, b.num_classes)
 
 
 def fit_config(config, image_size, in_channels, num_classes):
@@ -500,7 +510,7 @@ def main(argv=None):
     # -------------------------------------------------------------- model, EMA, optimizer
     # A named dataset trains its preset as it is; an image folder, its preset fitted to the images.
     config = (fit_config(PRESETS[args.preset], args.image_size, images.shape[1], len(classes))
-              if args.dataset == IMAGE_FOLDER else PRESETS[args.dataset])
+              if args.dataset == IMAGE_FOLDER else PRESETS[args.preset or args.dataset])
     if args.guidance_free:  # the strength input β that guidance-free training needs (off: the paper's network)
         config = dataclasses.replace(config, strength_input=True)
     if ckpt is not None:

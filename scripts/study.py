@@ -1,4 +1,4 @@
-"""The studies behind notebooks 02, 04, 05 and 06: sample.py runs, cached as npz files, scored by metrics.py.
+"""The studies behind notebooks 02 to 06: sample.py runs, cached as npz files, scored by metrics.py.
 
 A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
 rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
@@ -137,17 +137,28 @@ def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
 W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebooks 02 and 06
 
 
-def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True):
-    """notebook 02: CFG over the w grid and reverse guidance with the fast sampler; with `check`, w = 0 with the
-    paper's ancestral sampler at T = 256; and for each (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
-    cells = {"cfg-a": [*common(ckpt, n_per_class, steps), "--w", *W_GRID[:5]],
-             "cfg-b": [*common(ckpt, n_per_class, steps), "--w", *W_GRID[5:]],
-             "reverse": [*common(ckpt, n_per_class, steps), "--w", -1, -2, -3]}
+def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True, grid=W_GRID, reverse=(-1, -2, -3)):
+    """notebook 02: CFG over the w grid (in two cells, cfg-a and cfg-b, for two processes) and reverse guidance
+    with the fast sampler; with `check`, w = 0 with the paper's ancestral sampler at T = 256; and for each
+    (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
+    half = (len(grid) + 1) // 2
+    cells = {"cfg-a": [*common(ckpt, n_per_class, steps), "--w", *grid[:half]],
+             "cfg-b": [*common(ckpt, n_per_class, steps), "--w", *grid[half:]],
+             "reverse": [*common(ckpt, n_per_class, steps), "--w", *reverse]}
     if check:
         cells["ancestral256"] = [*common(ckpt, n_per_class, 4 if QUICK else 256, "ancestral"), "--w", 0]
     for p, path in ablation:
         cells[f"p{p}"] = [*common(path, n_per_class, steps), "--w", 0, 1, 3]
     return cells
+
+
+W_GRID_03 = [0, 0.1, 0.3, 0.5, 1, 2, 3, 4]  # notebook 03's (CIFAR-10) w grid, and its reverse w
+W_REVERSE_03 = [-1, -2]
+
+
+def plan_03(ckpt, n_per_class, steps=None, ablation=(), check=True):
+    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w."""
+    return plan_02(ckpt, n_per_class, steps, ablation, check, W_GRID_03, W_REVERSE_03)
 
 
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
@@ -219,23 +230,24 @@ def number(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("study", choices=["02", "04", "05", "06"])
+    p.add_argument("study", choices=["02", "03", "04", "05", "06"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
-    p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02: p_uncond ablation checkpoints")
+    p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02, 03: p_uncond ablation checkpoints")
     p.add_argument("--classifier-ckpt", help="04: the noise-conditional classifier (classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT", help="05: autoguidance's bad models")
     p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py --guidance-free); --ckpt: the CFG one")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"), help="05: the interval for its w sweep")
-    p.add_argument("--no-check", action="store_true", help="02: without the T = 256 ancestral cell")
+    p.add_argument("--no-check", action="store_true", help="02, 03: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
     p.add_argument("--out", required=True, help="the notebook's cell folder, e.g. out/studies/02-mnist")
     p.add_argument("--part", default="0/1", help="i/n: draw every n-th cell from the i-th (parallel processes)")
     args = p.parse_args()
     i, n = map(int, args.part.split("/"))
     ablation = [tuple(item.split("=", 1)) for item in args.ablation]
-    if args.study == "02":
-        cells = plan_02(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
+    if args.study in ("02", "03"):
+        cells = (plan_02 if args.study == "02" else plan_03)(args.ckpt, args.n_per_class, ablation=ablation,
+                                                               check=not args.no_check)
     elif args.study == "04":
         cells = plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class)
     elif args.study == "06":

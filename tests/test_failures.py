@@ -255,8 +255,9 @@ BAD_INPUTS = [
     (["--ema-decay", "1"], "outside [0, 1)", None),
     (["--holdout", "-1"], "--holdout: must be 0 or more", None),
     (["--holdout", "200"], "cannot hold out 200", None),  # digits: 174-183 images per class
-    (["--image-size", "16"], "apply to --dataset imagefolder only", None),
-    (["--preset", "mnist"], "apply to --dataset imagefolder only", None),
+    (["--image-size", "16"], "applies to --dataset imagefolder only", None),
+    (["--preset", "mnist"], "--preset mnist is not a network for the images of digits: choose one of digits", None),
+    (["--dataset", "mnist", "--preset", "cifar10"], "choose one of mnist, fashion-mnist", None),
     (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no folder", None),
     (["--dataset", "imagefolder", "--image-size", "4"], "--image-size: must be 8 or more", None),
     (["--dataset", "imagefolder", "--preset", "imagenet"], "invalid choice", None),

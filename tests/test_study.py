@@ -47,3 +47,21 @@ def test_lowest_fid_at_accuracy_takes_the_best_strength_that_reaches_it():
     # from 44 to 50 (0.982), 5/9 of the way: 44^(4/9) 50^(5/9) = 47.2, the lower, and below both points above 0.978
     fid, nfe = study.lowest_fid_at_accuracy(start, 0.978)
     assert fid == pytest.approx(44.0 ** (4 / 9) * 50.0 ** (5 / 9), rel=1e-12) and nfe == 1.0
+
+
+def w_of(argv):
+    """The w values of a cell's sample.py command line (what follows --w)."""
+    return argv[argv.index("--w") + 1:]
+
+
+@pytest.mark.parametrize("plan, grid, reverse", [(study.plan_02, [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4], [-1, -2, -3]),
+                                                 (study.plan_03, [0, 0.1, 0.3, 0.5, 1, 2, 3, 4], [-1, -2])])
+def test_a_study_plan_draws_every_w_once_from_one_checkpoint_and_sampler(plan, grid, reverse):
+    cells = plan("ckpt.pt", 100, ablation=[(0.2, "p0.2.pt")])
+    assert w_of(cells["cfg-a"]) + w_of(cells["cfg-b"]) == grid and w_of(cells["reverse"]) == reverse
+    assert {c[c.index("--ckpt") + 1] for name, c in cells.items() if name != "p0.2"} == {"ckpt.pt"}
+    assert cells["cfg-a"][:cells["cfg-a"].index("--w")] == cells["cfg-b"][:cells["cfg-b"].index("--w")]
+    check = cells["ancestral256"]
+    assert check[check.index("--sampler") + 1] == "ancestral" and check[check.index("--steps") + 1] == 256
+    assert w_of(check) == [0] and w_of(cells["p0.2"]) == [0, 1, 3]
+    assert "ancestral256" not in plan("ckpt.pt", 100, check=False)

@@ -36,7 +36,8 @@ killed it (even kill -9): on a CPU it ends with the same weights as a run that n
 --dataset cifar10 reads the official archive or the same images as DIR/train/<class>/*.jpg (data.py).
 --dataset imagefolder trains on a user's labelled images (data.py describes the layout), with the network
 and recipe of --preset (default mnist, the CPU recipe) at --image-size (default the preset's), fitted to
-the images' channels and classes (fit_config).
+the images' channels and classes (fit_config). A named dataset takes --preset too, if the preset is a
+network for its image shape: then it trains that network with that preset's recipe (DATASET_DEFAULTS).
 
 Outputs in --out-dir (default out/<dataset>): ckpt.pt (with the class names, `class_names`),
 samples_<step>.png (rows w = 0, 1, 3; columns the classes; the same noise at every step), loss.png, and
@@ -508,7 +509,8 @@ def main(argv=None):
     local_batch = args.batch_size // world_size
 
     # -------------------------------------------------------------- model, EMA, optimizer
-    # A named dataset trains its preset as it is; an image folder, its preset fitted to the images.
+    # A named dataset trains its preset (or --preset's, of the same shape) as it is; an image folder, its preset
+    # fitted to the images.
     config = (fit_config(PRESETS[args.preset], args.image_size, images.shape[1], len(classes))
               if args.dataset == IMAGE_FOLDER else PRESETS[args.preset or args.dataset])
     if args.guidance_free:  # the strength input β that guidance-free training needs (off: the paper's network)

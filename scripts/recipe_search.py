@@ -85,8 +85,6 @@ CIFAR_CANDIDATES = {
                    ["--batch-size", "32", "--lr", "5e-4", *CPU]),
     "cifar-tiny-b32": (dict(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
                        ["--batch-size", "32", "--lr", "1e-3", *CPU]),
-    "cifar-mid": (dict(channels=24, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
-                  ["--batch-size", "64", "--lr", "2e-3", *CPU]),
 }
 
 

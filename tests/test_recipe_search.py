@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -17,6 +18,8 @@ import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "recipe_search.py")
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import recipe_search as SEARCH  # noqa: E402
 
 
 def recipe_search(*args, cwd=None):
@@ -34,6 +37,21 @@ def cifar_folder(root, per_class=7):
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / name / f"{i}.png")
     return root
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_every_candidate_builds_at_its_image_shape_and_its_flags_parse(dataset):
+    """A candidate that cannot be built (e.g. channel counts GroupNorm cannot split) fails here, not an hour into a search."""
+    import train
+    from model import UNet, UNetConfig
+    shape = SEARCH.SHAPES[dataset]
+    for name, (fields, flags) in SEARCH.candidates(dataset).items():
+        net = UNet(UNetConfig(**shape, **fields)).eval()
+        x = torch.zeros(2, shape["in_channels"], shape["image_size"], shape["image_size"])
+        with torch.no_grad():
+            out = net(x, torch.tensor([0.0, 1.0]), torch.tensor([0, shape["num_classes"]]))
+        assert out.shape == x.shape, name
+        train.parse_args(["--dataset", dataset, *flags])
 
 
 def test_a_cifar10_candidate_trains_at_32x32_colour_to_each_milestone_with_its_cpu_settings(tmp_path, monkeypatch):
@@ -87,3 +105,4 @@ def test_the_report_takes_minutes_as_steps_times_ms_and_the_scores_at_each_asked
                             "--plot", tmp_path / "plot2.png")
     assert missing.returncode != 0
     assert "no results at w = 2.0" in missing.stderr.strip().splitlines()[-1]
+

@@ -59,10 +59,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fast_cpu
+from data import DATASETS
 from model import PRESETS, UNet
 from guidance import ONE_BATCH, guidance_free_eps, guided_eps
 from sample import FAST_SAMPLER, SAMPLERS, sample
-from train import DATASET_DEFAULTS, fail as train_fail, parse_args, train_step
+from train import DATASET_DEFAULTS, fail as train_fail, parse_args, same_shape, train_step
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64
@@ -147,11 +148,20 @@ def build(preset, device, args, guidance_free=False):
     return raw_model, net
 
 
+def preset_flags(preset):
+    """train.py's flags for a preset: its dataset's name, or (cifar10-cpu) the dataset of its image shape and
+    --preset."""
+    if preset in DATASETS:
+        return ["--dataset", preset]
+    dataset = next(d for d in DATASETS if d in PRESETS and same_shape(PRESETS[d], PRESETS[preset]))
+    return ["--dataset", dataset, "--preset", preset]
+
+
 def bench_train(preset, batch_size, device, args, guidance_free=False):
     """train.py's step (train.train_step with the preset's settings, and with --guidance-free its loss,
     train.gft_loss) on random data of the preset's shape: FLOPs, times and peak memory."""
     torch.manual_seed(0)
-    settings = parse_args(["--dataset", preset] + (["--amp"] if args.amp else [])
+    settings = parse_args(preset_flags(preset) + (["--amp"] if args.amp else [])
                           + (["--guidance-free"] if guidance_free else []))
     raw_model, net = build(preset, device, args, guidance_free)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
@@ -285,10 +295,10 @@ def print_tables(report):
         print(f"dense matmul {dtype}: {rate / 1e9:,.1f} GFLOP/s (fastest of {by_route}; "
               f"{report['matmul_sizes']} squares)")
     print(f"MFU below is FLOP/s over the {report['mfu_vs']} matmul rate.\n")
-    print(f"{'training':10s} {'loss':13s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
+    print(f"{'training':11s} {'loss':13s} {'batch':>5s} {'GFLOP/step':>10s} {'ms/step best':>12s} {'median':>8s} "
           f"{'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
     for r in report["train"]:
-        print(f"{r['preset']:10s} {r['loss']:13s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
+        print(f"{r['preset']:11s} {r['loss']:13s} {r['batch_size']:5d} {r['flops_per_step'] / 1e9:10.2f} {r['seconds_best'] * 1e3:12.1f} "
               f"{r['seconds_median'] * 1e3:8.1f} {r['images_per_s']:8.1f} {r['flops_per_s'] / 1e9:8.1f} "
               f"{r['mfu']:6.1%} {r['peak_memory_mb']:8.0f}")
     print(f"(peak memory: {report['train'][0]['peak_memory_kind']})")
@@ -302,10 +312,10 @@ def print_tables(report):
                   f"Algorithm 1 step ({gft['flops_per_step'] / plain['flops_per_step']:.2f}x its FLOPs)")
     if not report["sample"]:
         return
-    print(f"\n{'sampling':10s} {'batch':>5s} {'w=0':>8s} {'w=1: 2B':>8s} {'2 × B':>8s} {'ratio 2B':>8s} "
+    print(f"\n{'sampling':11s} {'batch':>5s} {'w=0':>8s} {'w=1: 2B':>8s} {'2 × B':>8s} {'ratio 2B':>8s} "
           f"{'2 × B':>6s} {'50k, T=256, w=1':>16s} {'50k, fast, w=1':>15s}")
     for r in report["sample"]:
-        print(f"{r['preset']:10s} {r['batch_size']:5d} {r['w0_seconds_best']:8.4f} {r['w1_one_batch_seconds_best']:8.4f} "
+        print(f"{r['preset']:11s} {r['batch_size']:5d} {r['w0_seconds_best']:8.4f} {r['w1_one_batch_seconds_best']:8.4f} "
               f"{r['w1_two_passes_seconds_best']:8.4f} {r['ratio_one_batch']:8.2f} {r['ratio_two_passes']:6.2f} "
               f"{r['hours_50k_T256_guided']:14.2f} h {r['hours_50k_fast_guided']:13.2f} h")
     print(f"(seconds per step, best of each; w = 1 as one batch of 2B and as two passes of B; guided_eps uses "

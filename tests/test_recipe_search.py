@@ -21,6 +21,8 @@ SCRIPT = os.path.join(REPO, "scripts", "recipe_search.py")
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import recipe_search as SEARCH  # noqa: E402
 
+CHOSEN_CIFAR = "cifar-tiny"  # the candidate that model.PRESETS["cifar10-cpu"] and its recipe in train.py are
+
 
 def recipe_search(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -106,3 +108,52 @@ def test_the_report_takes_minutes_as_steps_times_ms_and_the_scores_at_each_asked
     assert missing.returncode != 0
     assert "no results at w = 2.0" in missing.stderr.strip().splitlines()[-1]
 
+
+def test_the_cifar10_cpu_preset_is_the_chosen_candidate_step_for_step(tmp_path, monkeypatch):
+    """train.py --dataset cifar10 --preset cifar10-cpu trains the search's chosen candidate: the same network and
+    settings, so the same weights after the same steps as the candidate's run in the search."""
+    import train
+    from model import PRESETS, load_checkpoint
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    folder = cifar_folder(tmp_path / "cifar")
+    searched = recipe_search("train", "--dataset", "cifar10", "--data-dir", folder, "--candidates", CHOSEN_CIFAR,
+                             "--train-steps", 2, "--out", tmp_path / "recipes")
+    assert searched.returncode == 0, searched.stderr
+    out = tmp_path / "preset"
+    preset = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--dataset", "cifar10", "--preset",
+                             "cifar10-cpu", "--data-dir", str(folder), "--max-steps", "2",
+                             "--sample-every", "0", "--out-dir", str(out)], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, timeout=600)
+    assert preset.returncode == 0, preset.stderr
+    a = load_checkpoint(str(tmp_path / "recipes" / "cifar10" / CHOSEN_CIFAR / "ckpt.pt"))
+    b = load_checkpoint(str(out / "ckpt.pt"))
+    assert a["config"] == b["config"] and b["config"]["channels"] == PRESETS["cifar10-cpu"].channels
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], msg=f"{key}.{name}")
+    # the candidate's flags are the preset's defaults, and --dataset cifar10 alone stays the DDPM GPU recipe
+    recipe = train.parse_args(["--dataset", "cifar10", "--preset", "cifar10-cpu"])
+    flags = train.parse_args(["--dataset", "cifar10", *SEARCH.CIFAR_CANDIDATES[CHOSEN_CIFAR][1]])
+    assert all(getattr(recipe, k) == getattr(flags, k) for k in ("batch_size", "lr", "warmup_steps", "ema_warmup",
+                                                                 "ema_decay", "grad_clip"))
+    ddpm = train.parse_args(["--dataset", "cifar10"])
+    assert (ddpm.lr, ddpm.warmup_steps, ddpm.batch_size, ddpm.preset) == (2e-4, 5000, 128, None)
+
+
+def test_bench_measures_the_cifar10_cpu_preset_with_its_recipe_not_the_ddpm_one(tmp_path):
+    """bench.py --presets cifar10-cpu: a preset that is not a dataset's name is timed with the settings that
+    train.py --dataset cifar10 --preset cifar10-cpu trains it with (its batch of 64, lr 2e-3), on its own network."""
+    import bench
+    from model import PRESETS, UNet
+    assert bench.preset_flags("cifar10-cpu") == ["--dataset", "cifar10", "--preset", "cifar10-cpu"]
+    out = tmp_path / "bench.json"
+    bench.main(["--presets", "cifar10-cpu", "--iters", "1", "--min-seconds", "0", "--no-sample",
+                "--matmul-sizes", "64", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["train"]
+    assert (row["preset"], row["batch_size"]) == ("cifar10-cpu", 64)
+    # a training step is a forward F and a backward of about 2F of the preset's network at batch 64
+    from torch.utils.flop_counter import FlopCounterMode
+    config = PRESETS["cifar10-cpu"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        UNet(config)(torch.zeros(64, 3, 32, 32), torch.zeros(64), torch.zeros(64, dtype=torch.long))
+    assert 2.5 < row["flops_per_step"] / counter.get_total_flops() < 3.5

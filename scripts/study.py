@@ -2,9 +2,10 @@
 
 A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
 rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
-<name>.json beside it, and are reused while the command is unchanged: a notebook re-executes without
-re-sampling, and the cells can be drawn in parallel processes beforehand (one thread each), from notebooks/ with
-the notebook's paths (the command is the cache key, paths as written):
+<name>.json beside it, and are reused while the command and the files it reads (its checkpoints, by SHA-256) are
+unchanged: a notebook re-executes without re-sampling, a retrained checkpoint is sampled again, and the cells can
+be drawn in parallel processes beforehand (one thread each), from notebooks/ with the notebook's paths (the command
+is the cache key, paths as written):
 
     cd notebooks
     OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 0/2 &
@@ -16,6 +17,7 @@ project's metrics classifier against held-out real images (metrics.load_splits) 
 at the same count.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -42,23 +44,39 @@ def load_cell(npz):
     return images, labels, torch.round(ws.double() * 1e6) / 1e6
 
 
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_files(argv):
+    """{argument: SHA-256} of the arguments of a command that are files (its checkpoints)."""
+    return {a: sha256(a) for a in argv if os.path.isfile(a)}
+
+
 def run_cell(name, argv, out_dir=OUT):
     """The images of `python sample.py *argv`: (images uint8 (N, C, H, W), labels (N,), w (N,) float64), from
-    <out_dir>/<name>.npz when that was written by the same command, else sampled now (and cached)."""
+    <out_dir>/<name>.npz when that was written by the same command from the same files, else sampled now (and
+    cached)."""
     os.makedirs(out_dir, exist_ok=True)
     npz, info_path = os.path.join(out_dir, f"{name}.npz"), os.path.join(out_dir, f"{name}.json")
     argv = [str(a) for a in argv]
+    inputs = input_files(argv)
     if os.path.exists(info_path) and os.path.exists(npz):
         with open(info_path) as f:
-            if json.load(f)["argv"] == argv:
-                return load_cell(npz)
+            info = json.load(f)
+        if info["argv"] == argv and info.get("inputs") == inputs:
+            return load_cell(npz)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *argv, "--npz", npz,
                           "--out", os.path.join(out_dir, f"{name}.png")], capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"sample.py {' '.join(argv)} failed: {run.stderr.strip()}")
-    info = dict(argv=argv, seconds=time.perf_counter() - start, threads=int(os.environ.get("OMP_NUM_THREADS", 0))
-                or torch.get_num_threads())
+    info = dict(argv=argv, inputs=inputs, seconds=time.perf_counter() - start,
+                threads=int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads())
     with open(f"{info_path}.tmp", "w") as f:
         json.dump(info, f)
     os.replace(f"{info_path}.tmp", info_path)

@@ -1,8 +1,12 @@
 """scripts/study.py's pieces that the notebooks' headlines rest on, against values worked out by hand."""
+import hashlib
+import json
 import math
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -65,3 +69,32 @@ def test_a_study_plan_draws_every_w_once_from_one_checkpoint_and_sampler(plan, g
     assert check[check.index("--sampler") + 1] == "ancestral" and check[check.index("--steps") + 1] == 256
     assert w_of(check) == [0] and w_of(cells["p0.2"]) == [0, 1, 3]
     assert "ancestral256" not in plan("ckpt.pt", 100, check=False)
+
+
+def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(tmp_path, monkeypatch):
+    """run_cell samples (here a stand-in for sample.py that records each call) the first time, reads the cache while
+    nothing changed, and samples again when the command or the checkpoint's bytes change (same size and name)."""
+    calls = []
+
+    def fake_sample(cmd, **kwargs):
+        calls.append(cmd)
+        npz = cmd[cmd.index("--npz") + 1]
+        w = float(cmd[cmd.index("--w") + 1])
+        np.savez(npz, images=np.full((2, 4, 4, 1), len(calls), np.uint8), labels=np.arange(2), w=np.full(2, w))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(study.subprocess, "run", fake_sample)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"a" * 64)
+    argv = ["--ckpt", "ckpt.pt", "--w", 1]
+    first, _, _ = study.run_cell("c", argv, "cells")
+    again, _, ws = study.run_cell("c", argv, "cells")
+    assert len(calls) == 1 and (again == first).all() and ws.tolist() == [1.0, 1.0]
+    assert json.load(open("cells/c.json"))["inputs"] == {"ckpt.pt": hashlib.sha256(b"a" * 64).hexdigest()}
+    study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")  # another command
+    assert len(calls) == 2
+    study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")
+    assert len(calls) == 2
+    (tmp_path / "ckpt.pt").write_bytes(b"b" * 64)  # retrained: same path and size, other bytes
+    images, _, _ = study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")
+    assert len(calls) == 3 and (images == 3).all()

@@ -172,11 +172,14 @@ def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True, grid=W_GRID,
 
 W_GRID_03 = [0, 0.1, 0.3, 0.5, 1, 2, 3, 4]  # notebook 03's (CIFAR-10) w grid, and its reverse w
 W_REVERSE_03 = [-1, -2]
+W_HIGH_03 = [6, 8]  # past the grid: the CPU model's FID still falls at w = 4
 
 
 def plan_03(ckpt, n_per_class, steps=None, ablation=(), check=True):
-    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w."""
-    return plan_02(ckpt, n_per_class, steps, ablation, check, W_GRID_03, W_REVERSE_03)
+    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w, and the grid's continuation
+    to larger w (cell cfg-high)."""
+    cells = plan_02(ckpt, n_per_class, steps, ablation, check, W_GRID_03, W_REVERSE_03)
+    return {**cells, "cfg-high": [*common(ckpt, n_per_class, steps), "--w", *W_HIGH_03]}
 
 
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):

@@ -69,6 +69,8 @@ def test_a_study_plan_draws_every_w_once_from_one_checkpoint_and_sampler(plan, g
     assert check[check.index("--sampler") + 1] == "ancestral" and check[check.index("--steps") + 1] == 256
     assert w_of(check) == [0] and w_of(cells["p0.2"]) == [0, 1, 3]
     assert "ancestral256" not in plan("ckpt.pt", 100, check=False)
+    if plan is study.plan_03:  # and past its grid, from the same checkpoint, sampler and noise
+        assert w_of(cells["cfg-high"]) == [6, 8] and cells["cfg-high"][:-3] == cells["cfg-a"][:cells["cfg-a"].index("--w")]
 
 
 def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(tmp_path, monkeypatch):

@@ -68,8 +68,8 @@ PRESETS = {
     # The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).
     "cifar10": UNetConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
                           num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
-    # 32×32 colour on a CPU (train.py --dataset cifar10 --preset cifar10-cpu): chosen by the same search on
-    # JPEG CIFAR-10 (docs/results.md, "A CPU recipe for CIFAR-10").
+    # 32×32 colour on a CPU (train.py --dataset cifar10 --preset cifar10-cpu): the mnist network at 32×32 colour
+    # (attention at 8×8), chosen by the same search on JPEG CIFAR-10 (docs/results.md, "A CPU recipe for CIFAR-10").
     "cifar10-cpu": UNetConfig(image_size=32, in_channels=3, channels=16, channel_mult=(1, 2, 4),
                               num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
 }

@@ -5,7 +5,7 @@ rule, the w values). Its images go to <out>/<name>.npz, with the command, the wa
 <name>.json beside it, and are reused while the command and the files it reads (its checkpoints, by SHA-256) are
 unchanged: a notebook re-executes without re-sampling, a retrained checkpoint is sampled again, and the cells can
 be drawn in parallel processes beforehand (one thread each), from notebooks/ with the notebook's paths (the command
-is the cache key, paths as written):
+is compared as written, paths included):
 
     cd notebooks
     OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 0/2 &

@@ -60,10 +60,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fast_cpu
 from data import DATASETS
-from model import PRESETS, UNet
 from guidance import ONE_BATCH, guidance_free_eps, guided_eps
+from model import PRESETS, UNet
 from sample import FAST_SAMPLER, SAMPLERS, sample
-from train import DATASET_DEFAULTS, fail as train_fail, parse_args, same_shape, train_step
+from train import DATASET_DEFAULTS, parse_args, same_shape, train_step
+from train import fail as train_fail
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64

@@ -48,7 +48,8 @@ from data import DATASETS, HOLDOUT, DataError, to_model_range
 from metrics import load_splits
 from model import ClassifierConfig, NoisyClassifier, save_checkpoint
 from schedule import q_sample
-from train import epoch_permutation, fail as train_fail, number, sample_logsnr, step_seed, update_ema
+from train import epoch_permutation, number, sample_logsnr, step_seed, update_ema
+from train import fail as train_fail
 
 PRESETS = {
     # U-Net encoders with one residual block per level. The 28×28 one is the encoder of the earlier

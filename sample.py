@@ -59,7 +59,6 @@ import model as model_lib
 import schedule
 from guidance import guided_eps
 
-
 # ------------------------------------------------------------------ line 5: the step from λ to λ′ > λ
 # Every step takes the same arguments: z = z_t, x = x̃_t (after line 4), λ_t and λ_t+1 (numbers), and by keyword
 # v (line 5's variance blend), noise (N(0, I) of z's shape, drawn for the steps marked `noise` in SAMPLERS, else

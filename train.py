@@ -65,7 +65,16 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data import DATASETS, HOLDOUT, IMAGE_FOLDER, DataError, class_names, load_dataset, split_holdout, to_model_range
+from data import (
+    DATASETS,
+    HOLDOUT,
+    IMAGE_FOLDER,
+    DataError,
+    class_names,
+    load_dataset,
+    split_holdout,
+    to_model_range,
+)
 from model import PRESETS, CheckpointError, UNet, config_from_dict, load_checkpoint, save_checkpoint
 from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule, per_example, q_sample
 

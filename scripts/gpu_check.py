@@ -70,8 +70,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from model import CheckpointError, load_checkpoint  # noqa: E402
 import data  # noqa: E402
+from model import CheckpointError, load_checkpoint  # noqa: E402
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1"]

@@ -197,6 +197,7 @@ def time_candidates(args):
     """Milliseconds per training step of each candidate in this process (its threads), on a batch of noise, as
     train.py runs it (train.train_step with the candidate's flags); written to timings.json."""
     import copy
+
     import train
     from model import UNet
     os.makedirs(args.out, exist_ok=True)

@@ -14,12 +14,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from official_formats import idx_gz
 from PIL import Image
+from test_metrics import fid_scipy, inception_score_entropy_form
 
 import data
 import metrics
-from official_formats import idx_gz
-from test_metrics import fid_scipy, inception_score_entropy_form
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CIFAR10 = data.CLASS_NAMES["cifar10"]

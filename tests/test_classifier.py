@@ -19,13 +19,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_exit_2
+from test_sample import MixtureEps
 
 import classifier as C
 import guidance as G
 import model as M
-from conftest import assert_one_line_exit_2
 import sample as SM
-from test_sample import MixtureEps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}

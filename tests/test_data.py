@@ -21,10 +21,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-import data
 from conftest import shared_data
 from official_formats import cifar_tar_gz, idx_gz, py2_cifar_batch, py2_str
+
+import data
 
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

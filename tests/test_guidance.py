@@ -28,13 +28,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_exit_2
 from matplotlib.image import imread
+from test_sample import logsnr_grid
 
 import guidance as G
 import model as M
-from conftest import assert_one_line_exit_2
 import sample as SM
-from test_sample import logsnr_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -27,15 +27,15 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from conftest import assert_one_line_exit_2
+from test_guidance import CLASSES, SEED, N, library_images, tiny_unet
+from test_sample import MixtureEps
 
 import guidance as G
 import model as M
 import sample as SM
 import schedule as S
 import train
-from conftest import assert_one_line_exit_2
-from test_guidance import CLASSES, N, SEED, library_images, tiny_unet
-from test_sample import MixtureEps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The last commit of model.py before the strength input existed: the reference for "off is exactly as before".

@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 import data
-from conftest import shared_data
 
 CIFAR10 = data.CLASS_NAMES["cifar10"]
 

@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-
-import data
 from conftest import REPO, assert_one_line_exit_2
 from official_formats import idx_gz
+
+import data
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import make_mnist_subset  # noqa: E402

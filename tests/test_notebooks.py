@@ -17,7 +17,6 @@ import os
 import re
 
 import pytest
-
 from conftest import shared_data
 
 nbformat = pytest.importorskip("nbformat")

@@ -19,12 +19,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_exit_2
 from matplotlib.image import imread
 from scipy.integrate import solve_ivp
 
 import guidance as G
 import model as M
-from conftest import assert_one_line_exit_2
 import sample as SM
 import schedule as S
 

@@ -47,7 +47,6 @@ import argparse
 import copy
 import ctypes
 import dataclasses
-import json
 import math
 import os
 import resource
@@ -58,13 +57,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
+import data
 import fast_cpu
-from data import DATASETS
 from guidance import ONE_BATCH, guidance_free_eps, guided_eps
-from model import PRESETS, UNet
+from model import UNet
+from presets import PRESETS
 from sample import FAST_SAMPLER, SAMPLERS, sample
-from train import DATASET_DEFAULTS, parse_args, same_shape, train_step
-from train import fail as train_fail
+from train import fits, parse_args, train_step
 
 CPU_BATCH = {"cifar10": 8}  # train.py's batch of 128 takes a minute a step on a CPU
 SAMPLE_BATCH = 64
@@ -144,17 +144,16 @@ def peak_memory_mb(device):
 def build(preset, device, args, guidance_free=False):
     """The preset's UNet on `device`, and the network to call (set up as train.py does, and/or compiled);
     with `guidance_free`, the network with the strength input β that train.py --guidance-free gives it."""
-    raw_model = UNet(dataclasses.replace(PRESETS[preset], strength_input=guidance_free)).to(device)
+    network = dataclasses.replace(PRESETS[preset].network, strength_input=guidance_free)
+    raw_model = UNet(network).to(device)
     net = torch.compile(raw_model) if args.compile else raw_model  # reads null_label / config through
     return raw_model, net
 
 
 def preset_flags(preset):
-    """train.py's flags for a preset: its dataset's name, or (cifar10-cpu) the dataset of its image shape and
-    --preset."""
-    if preset in DATASETS:
-        return ["--dataset", preset]
-    dataset = next(d for d in DATASETS if d in PRESETS and same_shape(PRESETS[d], PRESETS[preset]))
+    """train.py's flags for a preset: a dataset of its image shape (or an image folder), --preset."""
+    dataset = next((d.name for d in data.DATASETS.values() if fits(PRESETS[preset].network, d)),
+                   data.IMAGE_FOLDER)
     return ["--dataset", dataset, "--preset", preset]
 
 
@@ -167,7 +166,7 @@ def bench_train(preset, batch_size, device, args, guidance_free=False):
     raw_model, net = build(preset, device, args, guidance_free)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # θ_ema, as in train.py
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=settings.lr)  # as in train.py
-    config = PRESETS[preset]
+    config = PRESETS[preset].network
     x = torch.rand(batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
 
@@ -225,7 +224,7 @@ def bench_sample(preset, device, args):
     torch.manual_seed(0)
     raw_model, net = build(preset, device, args)
     raw_model.eval()
-    labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].num_classes
+    labels = torch.arange(args.sample_batch_size, device=device) % PRESETS[preset].network.num_classes
     variants = {"w0": (0.0, guided_eps), "w1_one_batch": (GUIDED_W, guided_as(True)),
                 "w1_two_passes": (GUIDED_W, guided_as(False))}
     counted = {key: CountingModel(net) for key in variants}
@@ -272,7 +271,7 @@ def bench_sample(preset, device, args):
 
 def parse_batch_sizes(items, presets, device):
     """'N' for every preset, or 'preset=N' items; the rest default to train.py's batch (CPU: smaller)."""
-    sizes = {p: (CPU_BATCH.get(p) if device.type == "cpu" else None) or DATASET_DEFAULTS[p]["batch_size"]
+    sizes = {p: (CPU_BATCH.get(p) if device.type == "cpu" else None) or PRESETS[p].recipe.batch_size
              for p in presets}
     for item in items:
         name, _, value = item.rpartition("=")
@@ -284,7 +283,7 @@ def parse_batch_sizes(items, presets, device):
 
 
 def fail(message):  # bad input: one line on stderr, exit code 2, no traceback
-    train_fail(f"{message} (see python bench.py --help)", prog="bench.py")
+    cli.fail(f"{message} (see python bench.py --help)", prog="bench.py")
 
 
 def print_tables(report):
@@ -366,16 +365,11 @@ def main(argv=None):
         args.warmup = 3 if args.compile else 1
     if min(args.iters, args.warmup, args.sample_iters, args.sample_batch_size, *(args.matmul_sizes or [1])) < 1:
         fail("--iters, --warmup, --sample-iters, --sample-batch-size and --matmul-sizes must be at least 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
+    device = cli.device(args.device, fail)
     try:
         batch_sizes = parse_batch_sizes(args.batch_size, args.presets, device)
     except ValueError as e:
         fail(str(e))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available: use --device cpu")
     if args.cpu_time and (args.threads != 1 or device.type != "cpu"):
         fail("--cpu-time needs --device cpu --threads 1 (the work must run on this thread)")
     if args.threads:
@@ -418,10 +412,7 @@ def main(argv=None):
                   train=train_rows, sample=sample_rows)
     print_tables(report)
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.json)
+        cli.write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -1,56 +1,21 @@
-"""The datasets of the paper's kind of experiment, as uint8 tensors: digits, MNIST, Fashion-MNIST, CIFAR-10,
-and a user's own labelled images.
+"""The datasets, as uint8 tensors: digits, MNIST, Fashion-MNIST, CIFAR-10 and a user's own images.
 
-Classifier-Free Diffusion Guidance (Ho & Salimans, arXiv 2207.12598) trains on images x scaled
-to [−1, 1] (the DDPM convention), with class labels c that Algorithm 1 sometimes replaces by ∅:
+The paper trains on images x in [−1, 1] (DDPM's convention) with class labels c:
 
     images, labels = load_dataset("mnist", "./data")   # uint8 (N, C, H, W), int64 (N,)
     x = to_model_range(images)                         # x = u / 127.5 − 1 ∈ [−1, 1]
-    u = to_uint8(x)                                    # the inverse (clamped, rounded)
-    names = class_names("mnist", "./data")             # label i is names[i]
+    DATASETS["mnist"].classes                          # label i is classes[i]
 
-Datasets (`DATASETS`, then `IMAGE_FOLDER`):
-- digits: scikit-learn's bundled 8×8 digits (1,797 images, offline); pixel values 0..16 become
-  round(v · 255 / 16). scikit-learn ships no test split, so train=False raises DataError.
-- mnist, fashion-mnist: the official IDX files (train-images-idx3-ubyte.gz, ...), 1×28×28.
-- cifar10: the official cifar-10-python.tar.gz, 3×32×32 (random flips belong to train.py); where
-  that file is absent, the image-folder layout below in data_dir/cifar10/ or data_dir, whose class
-  folders must be CIFAR-10's ten names (airplane ... truck: sorted, they are its label order).
-- imagefolder: a user's own labelled images in the image-folder layout of data_dir, at
-  image_size × image_size (load_dataset's argument).
+Each named dataset is one `Dataset` entry of DATASETS: classes, shape, files and checksums, its
+held-out split, its default preset. Official files are looked for in data_dir/<name>/, then in
+data_dir itself (so a folder of one dataset's files, like mnist-4k, can be passed directly), used
+as they are and checked by format; missing ones are downloaded (from $CFG_DATA_MIRROR/<name>/ when
+set) with their published MD5. CIFAR-10 may also be JPEG or PNG files in class folders.
+`imagefolder` is a user's labelled images: data_dir/train/<class>/*.png|jpg (and test/<class>/),
+decoded once and cached (see `read_image_folder` and `cache_folder`). Every failure is a one-line
+DataError that says what to do.
 
-The image-folder layout: data_dir/train/<class>/* and data_dir/test/<class>/*, PNG or JPEG files
-(.png, .jpg, .jpeg), RGB or grayscale. Class index = position of the folder name in sorted order;
-within a class, files are taken in sorted order. Channels: 1 if every image of the split is
-grayscale (Pillow modes 1, L, LA), else 3 (grayscale images then get three equal channels; alpha
-is dropped); 16-bit images are refused. An image that is not image_size × image_size has its
-central square cut out and resized (Pillow's bicubic filter), and a one-line note says how many.
-Errors are one-line DataErrors: an unreadable image (named), a class folder with no images, fewer
-than two classes, a test split whose class folders differ from train's. Decoding takes a while
-(every file is opened), so the decoded uint8 array is cached outside the data folder (which may be
-read-only): in $CFG_CACHE_DIR, else $XDG_CACHE_HOME/cfg-diffusion, else ~/.cache/cfg-diffusion,
-one file per folder, split, size and channel rule, written to a temporary name and renamed. It is
-used only while its key matches: a hash of the sorted relative paths with their sizes and
-modification and change times, the classes, the image size and the channel rule, so a changed,
-added or removed file has the folder decoded afresh.
-
-Where the official files are looked for: data_dir/<name>/ first, then data_dir itself (so a folder holding
-one dataset's files, like a 4,000-digit mnist-4k made by scripts/make_mnist_subset.py or Debian's /usr/share/datasets/fashion-mnist,
-can be passed directly). Files found there are used as they are, never written to, and checked
-by format rather than checksum (subsets and repackaged copies are fine): gzip integrity, IDX
-header against byte count, labels in 0..9, equal image and label counts. A file that fails is
-moved aside to <file>.corrupt and fetched again, or reported if the folder is read-only.
-
-Missing files are downloaded into data_dir/<name>/ from the official locations (`SOURCES`), or
-from $CFG_DATA_MIRROR/<name>/<file> when that variable is set (e.g. `python -m http.server`
-run in another machine's data folder). Each download streams to a temporary file, must deliver
-exactly Content-Length bytes with the published MD5, and is then renamed into place; a failed
-attempt is retried, and after the last one DataError says which files to place where.
-
-`split_holdout(images, labels, per_class)` holds out the last images of each class (HOLDOUT: mnist 200),
-for data without a test split: train.py (--holdout) and metrics.py leave them out by the same rule.
-
-Run `python data.py mnist --data-dir ./data` to load a dataset and print its shape and classes.
+    python data.py mnist --data-dir ./data    # load a dataset, print its shape and classes
 """
 import gzip
 import hashlib
@@ -65,44 +30,68 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")  # the named datasets, each with known classes
-IMAGE_FOLDER = "imagefolder"  # a user's own images: data_dir/train/<class>/*.png|jpg (see the docstring)
-# Label i of each named dataset is the class CLASS_NAMES[name][i] (for image folders: the sorted folder names)
-CLASS_NAMES = {
-    "digits": tuple("0123456789"),
-    "mnist": tuple("0123456789"),
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"),  # the names of github.com/zalandoresearch/fashion-mnist
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-}
-# Images per class held out of training for the metrics (split_holdout), where the data may have no
-# test split: mnist-4k (scripts/make_mnist_subset.py) is 4,000 training digits. train.py (--holdout) and metrics.py
-# both default to it, so the diffusion model, the metrics classifier and the FID reference agree.
-HOLDOUT = {"mnist": 200}
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset's facts; the scripts read these fields and never branch on a name."""
+    name: str
+    classes: tuple  # label i is classes[i]
+    shape: tuple  # (C, H, W) of its images
+    preset: str  # the network and recipe it trains with by default (presets.py)
+    reader: str  # how its files are read: a key of READERS
+    url: str = ""  # where its official files are published
+    files: dict = field(default_factory=dict)  # {train (bool): ((file, published MD5), ...)}
+    test_split: bool = True  # whether it has one
+    holdout: int = 0  # images per class held out of training for the metrics (split_holdout)
+    flips: bool = False  # random horizontal flips in training (natural images, not digits)
+    image_folder: bool = False  # also readable as train/<class>/*.jpg folders of its class names
+    judge: str = "Classifier"  # the network metrics.py measures its samples with
 
-# name -> (official base URL, {train: ((file, published MD5), ...)})
-SOURCES = {
-    # PyTorch's S3 mirror of yann.lecun.com/exdb/mnist (that site is often unreachable); same files
-    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
-        True: (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-               ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")),
-        False: (("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-                ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"))}),
-    # MD5s from github.com/zalandoresearch/fashion-mnist; Debian's dataset-fashion-mnist package
-    # re-gzips the same files, so its copies have other checksums (found files are not checksummed)
-    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
-        True: (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-               ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")),
-        False: (("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-                ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"))}),
-    # One archive holds both splits: data_batch_1..5 (train) and test_batch
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/", dict.fromkeys(
-        (True, False), (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),))),
-}
+
+TEN_DIGITS = tuple("0123456789")
+IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _idx_files(md5s):
+    """{train: ((file, MD5), (file, MD5)), test: ...} of the four IDX files of the MNIST format."""
+    pairs = tuple(zip(IDX, md5s))
+    return {True: pairs[:2], False: pairs[2:]}
+
+
+_DATASETS = [
+    # scikit-learn's bundled 8×8 digits: offline, no test split.
+    Dataset("digits", TEN_DIGITS, (1, 8, 8), "digits", "sklearn-digits", test_split=False),
+    # PyTorch's mirror of yann.lecun.com/exdb/mnist (often unreachable); the same files. The last
+    # 200 per class are held out, so a 4,000-digit mnist-4k (scripts/make_mnist_subset.py) has a
+    # reference that nothing trained on.
+    Dataset("mnist", TEN_DIGITS, (1, 28, 28), "mnist", "idx",
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            _idx_files(("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                        "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")),
+            holdout=200),
+    # Names and MD5s of github.com/zalandoresearch/fashion-mnist (Debian's package re-gzips the
+    # same files: found files are checked by format, not checksum).
+    Dataset("fashion-mnist", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                              "Shirt", "Sneaker", "Bag", "Ankle boot"), (1, 28, 28), "mnist", "idx",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            _idx_files(("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                        "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
+    # One archive holds both splits (data_batch_1..5 and test_batch); or the same images as JPEG
+    # or PNG files in class folders.
+    Dataset("cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                        "ship", "truck"), (3, 32, 32), "cifar10", "cifar10-archive",
+            "https://www.cs.toronto.edu/~kriz/",
+            dict.fromkeys((True, False),
+                          (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),)),
+            flips=True, image_folder=True, judge="CifarClassifier"),
+]
+DATASETS = {d.name: d for d in _DATASETS}  # the named datasets
+IMAGE_FOLDER = "imagefolder"  # a user's own images: data_dir/train/<class>/*.png|jpg
 MIRROR_ENV = "CFG_DATA_MIRROR"
 DOWNLOAD_ATTEMPTS = 3
 RETRY_DELAY_S = 1.0  # wait before the 2nd attempt; doubles after each failure
@@ -288,26 +277,34 @@ def _read_or_fetch(path, url, md5, read, offline_hint):
         raise DataError(f"{path} from {url} has the published MD5 but cannot be read ({e})") from None
 
 
-def _load_files(name, data_dir, train):
+def _read_idx_pair(get, train, files):
+    """The IDX images and labels files of one split -> uint8 (N, 1, H, W), int64 (N,)."""
+    (images_file, _), (labels_file, _) = files
+    images = get(images_file, lambda path: _read_idx(path, 3))  # (N, H, W)
+    labels = get(labels_file, lambda path: _check_labels(_read_idx(path, 1)))  # (N,)
+    if len(images) != len(labels):
+        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds "
+                        f"{len(labels)} labels: they come from different sets; replace one")
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_cifar10_archive(get, train, files):
+    return get(files[0][0], lambda path: _read_cifar10(path, train))
+
+
+def _load_files(dataset, data_dir, train):
     """The official files of one split: found in data_dir or downloaded, then read and checked."""
-    official, splits = SOURCES[name]
-    base = f"{os.environ[MIRROR_ENV].rstrip('/')}/{name}/" if os.environ.get(MIRROR_ENV) else official
-    files = dict(splits[train])  # file -> MD5
+    name = dataset.name
+    mirror = os.environ.get(MIRROR_ENV)
+    base = f"{mirror.rstrip('/')}/{name}/" if mirror else dataset.url
+    files = dict(dataset.files.get(train, ()))  # file -> MD5
     folder = _files_folder(name, data_dir, files)
-    hint = f"With no network, place {' and '.join(files)} (from {official}) in {folder}"
+    hint = f"With no network, place {' and '.join(files)} (from {dataset.url}) in {folder}"
 
     def get(file, read):
         return _read_or_fetch(os.path.join(folder, file), base + file, files[file], read, hint)
 
-    if name == "cifar10":
-        return get("cifar-10-python.tar.gz", lambda path: _read_cifar10(path, train))
-    images_file, labels_file = files
-    images = get(images_file, lambda path: _read_idx(path, 3))  # (N, H, W)
-    labels = get(labels_file, lambda path: _check_labels(_read_idx(path, 1)))  # (N,)
-    if len(images) != len(labels):
-        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} "
-                        f"labels (in {folder}): they come from different sets; replace one")
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    return READERS[dataset.reader](get, train, dataset.files.get(train, ()))
 
 
 # ------------------------------------------------------------------ image folders (PNG, JPEG)
@@ -370,9 +367,13 @@ def _decode_image(path, image_size, channels):
 
 
 def read_image_folder(split_dir, classes, image_size, channels=None):
-    """Decode split_dir/<class>/*.png|jpg -> uint8 (N, C, S, S), int64 (N,), the number of images resized.
+    """Decode split_dir/<class>/*.png|jpg -> uint8 (N, C, S, S), int64 (N,), how many were resized.
 
-    channels None: 1 if every image is grayscale, else 3; 1 or 3 converts every image to that."""
+    Label = position of the class folder in sorted order; files in sorted order within a class.
+    channels None: 1 if every image is grayscale (Pillow modes 1, L, LA), else 3 (grayscale images
+    then get three equal channels, alpha is dropped); 1 or 3 converts every image to that. 16-bit
+    images are refused; one that is not S×S has its central square cut out and resized (bicubic).
+    `_load_image_folder` caches the result, keyed by the files' paths, sizes and times."""
     paths, labels = _image_files(split_dir, classes)
     arrays, resized = [], 0
     for path in paths:
@@ -466,12 +467,15 @@ def _class_difference(found, expected):
     return "; ".join(f"{what}: {', '.join(names)}" for what, names in (("extra", extra), ("missing", missing)) if names)
 
 
-def cifar10_image_folder(data_dir):
-    """The folder holding CIFAR-10 as train/ and test/ image folders, or None where the official archive is
-    present (it wins) or no such folder is: data_dir/cifar10/ first, then data_dir."""
-    folders = (os.path.join(data_dir, "cifar10"), data_dir)
-    archive = SOURCES["cifar10"][1][True][0][0]
-    if any(os.path.isfile(os.path.join(folder, archive)) for folder in folders):
+def dataset_image_folder(dataset, data_dir):
+    """The folder holding a named dataset as train/ and test/ image folders (Dataset.image_folder),
+    or None where its official files are present (they win) or no such folder is: data_dir/<name>/
+    first, then data_dir."""
+    if not dataset.image_folder:
+        return None
+    folders = (os.path.join(data_dir, dataset.name), data_dir)
+    official = [f for f, _ in dataset.files.get(True, ())]
+    if any(all(os.path.isfile(os.path.join(d, f)) for f in official) for d in folders):
         return None
     return next((folder for folder in folders
                  if any(os.path.isdir(os.path.join(folder, split)) for split in ("train", "test"))), None)
@@ -495,52 +499,73 @@ def split_holdout(images, labels, per_class):
     return images[~held], labels[~held], images[held], labels[held]
 
 
+def names():
+    """What --dataset takes: the named datasets, then imagefolder."""
+    return (*DATASETS, IMAGE_FOLDER)
+
+
+def get_dataset(name):
+    """The entry of a named dataset; DataError (one line) for an unknown name."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(names())}")
+    return DATASETS[name]
+
+
 def class_names(name, data_dir="./data"):
-    """The class names of `name`, label i being names[i]: CLASS_NAMES, or an image folder's train/ folders."""
+    """The class names of `name`, label i being names[i]: its entry's, or an image folder's
+    train/ folders."""
     if name == IMAGE_FOLDER:
         return tuple(_image_folder_split(data_dir, train=True)[1])
-    if name not in CLASS_NAMES:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS + (IMAGE_FOLDER,))}")
-    return CLASS_NAMES[name]
+    return get_dataset(name).classes
+
+
+def _load_sklearn_digits(get, train, files):
+    """scikit-learn's 8×8 digits: pixel values 0..16 become round(v · 255 / 16)."""
+    if not train:
+        raise DataError("scikit-learn's digits has no test split: hold out part of the 1,797 "
+                        "training images")
+    from sklearn.datasets import load_digits  # imported here: only digits needs scikit-learn
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target.astype(np.int64))
+
+
+# How a dataset's files are read: reader(get, train, files), get(file, read) -> read(local path)
+READERS = {"idx": _read_idx_pair, "cifar10-archive": _read_cifar10_archive,
+           "sklearn-digits": _load_sklearn_digits}
 
 
 def load_dataset(name, data_dir="./data", train=True, image_size=32, channels=None):
     """(images, labels): uint8 (N, C, H, W) and int64 (N,) of the training (or test) split of `name`.
 
-    image_size (H = W) and channels (None: 1 if every image is grayscale, else 3) apply to imagefolder;
-    CIFAR-10 image folders are brought to 3×image_size×image_size; the official files keep their own size."""
-    if name not in DATASETS + (IMAGE_FOLDER,):
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS + (IMAGE_FOLDER,))}")
+    image_size (H = W) and channels (None: 1 if every image is grayscale, else 3) apply to
+    imagefolder; a named dataset read from image folders is brought to its own shape; the official
+    files keep their own size."""
     if name == IMAGE_FOLDER:
         split_dir, classes = _image_folder_split(data_dir, train)
         if not train:  # class indices come from train/'s folders: test/ must have the same ones
             train_dir, train_classes = _image_folder_split(data_dir, True)
             if classes != train_classes:
                 raise DataError(f"the class folders of {split_dir} differ from those of {train_dir} "
-                                f"({_class_difference(classes, train_classes)}): both splits need the same classes")
+                                f"({_class_difference(classes, train_classes)}): both splits need "
+                                "the same classes")
         return _load_image_folder(split_dir, classes, image_size, channels)
-    if name == "cifar10" and (root := cifar10_image_folder(data_dir)) is not None:
+    dataset = get_dataset(name)
+    if (root := dataset_image_folder(dataset, data_dir)) is not None:
         split_dir, classes = _image_folder_split(root, train)
-        if tuple(classes) != CLASS_NAMES["cifar10"]:
-            raise DataError(f"the class folders of {split_dir} are not CIFAR-10's ten "
-                            f"({_class_difference(classes, CLASS_NAMES['cifar10'])}): name them "
-                            f"{', '.join(CLASS_NAMES['cifar10'])}, or use imagefolder for other classes")
-        return _load_image_folder(split_dir, classes, image_size, channels=3)
-    if name == "digits":
-        if not train:
-            raise DataError("scikit-learn's digits has no test split: hold out part of the 1,797 training images")
-        from sklearn.datasets import load_digits  # imported here: only digits needs scikit-learn
-        digits = load_digits()
-        # Pixel values are integers 0..16; scaled to 0..255 as round(v · 255 / 16)
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
-        return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target.astype(np.int64))
-    return _load_files(name, data_dir, train)
+        if tuple(classes) != dataset.classes:
+            raise DataError(f"the class folders of {split_dir} are not {name}'s "
+                            f"({_class_difference(classes, dataset.classes)}): name them "
+                            f"{', '.join(dataset.classes)}, or use imagefolder for other classes")
+        channels, size, _ = dataset.shape
+        return _load_image_folder(split_dir, classes, size, channels=channels)
+    return _load_files(dataset, data_dir, train)
 
 
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=DATASETS + (IMAGE_FOLDER,))
+    p.add_argument("dataset", choices=names())
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--test", action="store_true", help="load the test split instead of the training split")
     p.add_argument("--image-size", type=int, default=32, help="H = W of image-folder images")

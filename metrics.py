@@ -49,7 +49,7 @@ Commands (DIR: the data folder, as for train.py):
 Held-out real images (`load_splits`): FID against the training images could be won by a model
 that memorised them, so the reference is real images nothing was trained on: the test split
 (t10k; CIFAR-10's test_batch or test/ folder) where there is one, else the last --holdout images
-of each class (mnist: 200 per class, data.HOLDOUT), which `python train.py --dataset mnist`
+of each class (mnist: 200 per class, data.DATASETS[name].holdout), which `python train.py --dataset mnist`
 leaves out of training by the same rule.
 """
 import argparse
@@ -370,6 +370,10 @@ def train_cifar_classifier(images, labels, epochs=CIFAR_EPOCHS, batch_size=128, 
                 lr_at=lambda progress: lr * one_cycle(progress), label_smoothing=label_smoothing)
 
 
+# How each metric network is trained (data.Dataset.judge names one per dataset)
+JUDGE_TRAINING = {"Classifier": train_classifier, "CifarClassifier": train_cifar_classifier}
+
+
 def accuracy(clf, images, labels):
     """Fraction of images whose argmax class is the label."""
     return (classifier_probs(clf, images).argmax(dim=1) == labels).double().mean().item()
@@ -415,10 +419,10 @@ def load_splits(dataset, data_dir, holdout=None):
     Returns dict(train=(images, labels), held=(images, labels), held_name=str). `held` is what neither
     the diffusion model nor the metrics classifier trains on: the last `holdout` images of each class
     of the training split (data.split_holdout, as train.py --holdout leaves them out) when holdout > 0,
-    else the dataset's test split (t10k, CIFAR-10's test images). holdout=None takes data.HOLDOUT's
+    else the dataset's test split (t10k, CIFAR-10's test images). holdout=None takes the dataset entry's
     per-dataset default.
     """
-    holdout = data.HOLDOUT.get(dataset, 0) if holdout is None else holdout
+    holdout = data.get_dataset(dataset).holdout if holdout is None else holdout
     images, labels = data.load_dataset(dataset, data_dir, train=True)
     train_x, train_y, held_x, held_y = data.split_holdout(images, labels, holdout)
     if holdout > 0:
@@ -564,7 +568,7 @@ def _train_command(args):
     (train_x, train_y), (test_x, test_y), test_name = splits["train"], splits["held"], splits["held_name"]
     print(f"training on {len(train_x)} {args.dataset} images; testing on {test_name}")
     start = time.time()
-    train = train_cifar_classifier if args.dataset == "cifar10" else train_classifier
+    train = JUDGE_TRAINING[data.DATASETS[args.dataset].judge]
     given = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr") if getattr(args, k) is not None}
     clf = train(train_x, train_y, seed=args.seed, device=args.device, **given)
     test_accuracy = accuracy(clf, test_x, test_y)
@@ -589,7 +593,7 @@ def _metrics_command(args):
     splits = load_splits(dataset, args.data_dir, args.holdout)
     if dataset != "cifar10":
         what = f"{dataset} metrics by the project's classifier, not Inception"
-    elif data.cifar10_image_folder(args.data_dir) is not None:
+    elif data.dataset_image_folder(data.DATASETS["cifar10"], args.data_dir) is not None:
         what = ("CIFAR-10 metrics by the project's classifier on the image files (JPEG copies differ from the "
                 "official pixels), not Inception")
     else:
@@ -604,7 +608,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-classifier", help="train the metrics classifier of a dataset")
-    p.add_argument("--dataset", default="mnist", choices=data.DATASETS)
+    p.add_argument("--dataset", default="mnist", choices=list(data.DATASETS))
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--epochs", type=int, help=f"default: {mnist['epochs']}, cifar10 {cifar['epochs']}")
     p.add_argument("--batch-size", type=int, help=f"default: {mnist['batch_size']}, cifar10 {cifar['batch_size']}")
@@ -614,14 +618,15 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="default: out/classifier/<dataset>.pt")
     p.add_argument("--holdout", type=int, default=None, help="images per class held out (as train.py "
-                   "--holdout; default per dataset: " + ", ".join(f"{k} {v}" for k, v in data.HOLDOUT.items()) +
+                   "--holdout; default per dataset: " + ", ".join(f"{k} {d.holdout}" for k, d in data.DATASETS.items()) +
                    ", else 0, which uses the test split)")
     for name, what in (("mnist", "MNIST-family"), ("cifar10", "CIFAR-10")):
         p = sub.add_parser(name, help=f"{what} FID / IS / accuracy of sample.py --npz output by the project's "
                            "classifier" + (" (or, with --inception, Inception FID / IS)" if name == "cifar10" else ""))
         p.add_argument("--npz", required=True)
         if name == "mnist":
-            p.add_argument("--dataset", default="mnist", choices=[d for d in data.DATASETS if d != "cifar10"])
+            p.add_argument("--dataset", default="mnist",
+                           choices=[d.name for d in data.DATASETS.values() if d.judge == "Classifier"])
         p.add_argument("--data-dir", default="./data")
         p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
         p.add_argument("--holdout", type=int, default=None, help="as for train-classifier")

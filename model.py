@@ -1,38 +1,22 @@
-"""A compact class-conditional U-Net for ε-prediction: ε_θ(z_λ, λ, c).
+"""A compact class-conditional U-Net for ε-prediction, ε_θ(z_λ, λ, c), and its checkpoints.
 
-Classifier-Free Diffusion Guidance (Ho & Salimans, arXiv 2207.12598) trains one network for
-both the conditional model ε_θ(z_λ, c) and the unconditional one ε_θ(z_λ) = ε_θ(z_λ, ∅).
-Here the null label ∅ is the extra class index `num_classes`, with its own embedding row, so
-it never coincides with a real class (label 0 is the digit zero, not "no label").
+One network gives both ε_θ(z_λ, c) and ε_θ(z_λ) = ε_θ(z_λ, ∅) (Ho & Salimans, arXiv 2207.12598): the
+null label ∅ is the extra class index `num_classes`, with its own embedding row, so it never
+coincides with a real class. The architecture is the DDPM / ADM U-Net that the paper reuses, in
+continuous time: λ enters as u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1) through a sinusoidal embedding
+and an MLP; the class embedding is added to it and injected into every residual block;
+self-attention at the configured resolutions; skips from every down block.
 
-The architecture is the DDPM / ADM U-Net (Ho et al. 2020; Dhariwal & Nichol 2021), which the
-paper reuses, switched to continuous time:
-- the noise level enters as u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1), the inverse of the
-  untruncated cosine schedule, through a sinusoidal embedding and a 2-layer MLP;
-- the class embedding is added to that embedding, and the sum is injected into every
-  residual block (GroupNorm → SiLU → conv, + embedding, GroupNorm → SiLU → dropout → conv);
-- self-attention at the configured resolutions, skip connections from every down block.
+`UNetConfig(strength_input=True)` adds guidance-free training's input β (train.gft_loss), whose
+last layer starts at zero; off, the network is exactly the paper's. `NoisyClassifier` is p_φ(c | z_λ)
+of classifier guidance (classifier.py): the same encoder and a pooled head. The named
+configurations and their recipes are in presets.py.
 
-Optionally (`UNetConfig.strength_input`, off by default) the U-Net takes one more input, the β ∈ (0, 1] of
-guidance-free training (GFT, Chen et al. 2025; train.gft_loss): ε_s(z_λ, λ, c, β), with 1000 β through a
-sinusoidal embedding and a 2-layer MLP added to the embedding of λ and c. Its last layer starts at zero, so the
-network starts as the one without it. Off, the network is exactly the one above (same modules, same weights
-from the same seed, the same outputs), and checkpoints whose stored config predates the field load as before.
+    net = UNet(UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4)))
+    eps = net(z, logsnr, labels)          # (B, C, H, W), (B,), (B,) long -> (B, C, H, W)
+    net, ckpt = load_model("out/mnist/ckpt.pt")   # weights_only: no pickled code runs
 
-The noise-conditional classifier p_φ(c | z_λ) of classifier guidance (`NoisyClassifier`, trained by
-classifier.py) is ADM's: the same encoder (`Encoder`: the λ embedding, the down path and the middle), then a
-pooled linear head.
-
-`PRESETS["cifar10"]` is the DDPM CIFAR-10 network (128 channels, multipliers (1, 2, 2, 2),
-2 residual blocks, attention at 16×16, dropout 0.1): 35.7M parameters.
-
-Checkpoints (written by train.py and classifier.py, read by sample.py) are plain dicts of tensors and
-Python values: `save_checkpoint` writes them atomically, `load_checkpoint` reads them with
-`torch.load(weights_only=True)` (no pickled code runs), and `model_from_checkpoint` / `load_model`
-rebuild the network (U-Net or classifier: the checkpoint says which) from the config stored inside.
-
-This file imports only torch and the standard library. Run `python model.py` to print every
-preset's size.
+This file imports only torch and the standard library.
 """
 import math
 import os
@@ -55,25 +39,6 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int = 10  # real classes are 0..num_classes−1; num_classes is the null label ∅
     strength_input: bool = False  # GFT's β as an input (train.gft_loss); off: the paper's network
-
-
-PRESETS = {
-    # 8×8 scikit-learn digits: trains to recognisable samples in minutes on a CPU.
-    "digits": UNetConfig(image_size=8, in_channels=1, channels=32, channel_mult=(1, 2),
-                         num_res_blocks=1, attention_resolutions=(4,), dropout=0.0),
-    # 28×28 MNIST-family: chosen by a search for the best samples per CPU minute (README, "A recipe for CPU
-    # minutes"; scripts/recipe_search.py): 16 channels, one block per level, no dropout, 0.69M parameters.
-    "mnist": UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4),
-                        num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
-    # The DDPM CIFAR-10 network (Ho et al. 2020, appendix B).
-    "cifar10": UNetConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
-                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
-    # 32×32 colour on a CPU (train.py --dataset cifar10 --preset cifar10-cpu): the mnist network at 32×32 colour
-    # (attention at 8×8), chosen by the same search on JPEG CIFAR-10 (docs/results.md, "A CPU recipe for CIFAR-10").
-    "cifar10-cpu": UNetConfig(image_size=32, in_channels=3, channels=16, channel_mult=(1, 2, 4),
-                              num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
-}
-PRESETS["fashion-mnist"] = PRESETS["mnist"]  # the same 28×28 single-channel network
 
 
 def logsnr_to_unit(logsnr):
@@ -369,12 +334,3 @@ def load_model(path, map_location="cpu"):
     except (RuntimeError, KeyError, TypeError) as e:  # a config that does not match its weights
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({type(e).__name__}); "
                               "use the checkpoint as train.py or classifier.py wrote it") from None
-
-
-if __name__ == "__main__":
-    for name, config in PRESETS.items():
-        model = UNet(config)
-        n = sum(p.numel() for p in model.parameters())
-        z = torch.randn(2, config.in_channels, config.image_size, config.image_size)
-        eps = model(z, torch.zeros(2), torch.tensor([0, config.num_classes]))
-        print(f"{name:14s} {n / 1e6:7.2f}M parameters  input/output {tuple(z.shape[1:])} -> {tuple(eps.shape[1:])}")

@@ -424,7 +424,7 @@ def cifar_dir(args):
     subfolder), or Failure."""
     folder = os.path.abspath(args.cifar_dir) if args.cifar_dir else os.path.join(REPO, CIFAR_DIR)  # the commands run in REPO
     if (any(os.path.isfile(os.path.join(place, CIFAR_ARCHIVE)) for place in (folder, os.path.join(folder, "cifar10")))
-            or data.cifar10_image_folder(folder) is not None):
+            or data.dataset_image_folder(data.DATASETS["cifar10"], folder) is not None):
         return folder
     where = f"--cifar-dir {args.cifar_dir}" if args.cifar_dir else f"{CIFAR_DIR} (from the repo root)"
     raise Failure(f"no CIFAR-10 in {where}: place {CIFAR_ARCHIVE} there, or its images as train/<class>/*.jpg "
@@ -436,7 +436,7 @@ def write_cifar_folder(root, per_class):
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for name in data.CLASS_NAMES["cifar10"]:
+        for name in data.DATASETS["cifar10"].classes:
             os.makedirs(os.path.join(root, split, name))
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -2,7 +2,7 @@
 samples per minute of CPU training (docs/results.md, "A recipe for CPU minutes").
 
 Each candidate is a U-Net config (model.UNetConfig) and train.py flags. `train` trains it with train.py
-itself, with model.PRESETS[dataset] replaced by the candidate's config in that process, in segments
+itself, with the candidate added as one more preset (presets.py) in that process, in segments
 that end at the given minutes (calibrated from its first 100 steps; `--resume` continues each segment
 exactly, so the checkpoint at each milestone is the one a single run of that many steps writes), and
 lists the milestones in trained.jsonl. `evaluate` draws --n samples from each milestone's EMA weights
@@ -49,14 +49,12 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import data  # noqa: E402
 import fast_cpu  # noqa: E402
 import metrics  # noqa: E402
 from model import UNetConfig, load_checkpoint, model_from_checkpoint  # noqa: E402
 from sample import FAST_SAMPLER, sample  # noqa: E402
 
-MNIST = dict(image_size=28, in_channels=1, num_classes=10)
-CIFAR10 = dict(image_size=32, in_channels=3, num_classes=10)
-SHAPES = {"mnist": MNIST, "fashion-mnist": MNIST, "cifar10": CIFAR10}
 CANDIDATES = {  # name -> (UNetConfig fields, train.py flags); 28×28 single-channel
     "baseline": (dict(channels=32, channel_mult=(1, 2, 4), num_res_blocks=2, attention_resolutions=(7,), dropout=0.1),
                  ["--batch-size", "32", "--lr", "1e-3"]),
@@ -88,19 +86,31 @@ CIFAR_CANDIDATES = {
 }
 
 
+CANDIDATES_BY_SHAPE = {(1, 28, 28): CANDIDATES, (3, 32, 32): CIFAR_CANDIDATES}  # (C, H, W)
+SEARCHED = [d.name for d in data.DATASETS.values() if tuple(d.shape) in CANDIDATES_BY_SHAPE]
+
+
 def candidates(dataset):
-    """The candidates that fit this dataset's image shape: name -> (UNetConfig fields, train.py flags)."""
-    return CIFAR_CANDIDATES if dataset == "cifar10" else CANDIDATES
+    """The candidates for this dataset's image shape: name -> (UNetConfig fields, train.py flags)."""
+    return CANDIDATES_BY_SHAPE[tuple(data.DATASETS[dataset].shape)]
 
 
-# train.main in a process whose model.PRESETS[dataset] is the candidate's config (argv[1], JSON).
-TRAIN_WITH_CONFIG = """
+def shape_fields(dataset):
+    """The UNetConfig fields that a dataset fixes: image size, channels, classes."""
+    channels, size, _ = data.DATASETS[dataset].shape
+    return dict(image_size=size, in_channels=channels, num_classes=len(data.DATASETS[dataset].classes))
+
+
+# train.main in a process where the candidate is one more preset (its network: argv[1], JSON), with
+# the recipe of the dataset's own preset, which the candidate's flags override.
+TRAIN_CANDIDATE = """
 import json, sys
 sys.path.insert(0, {repo!r})
-import model, train
-config = json.loads(sys.argv[1])
-model.PRESETS[{dataset!r}] = model.UNetConfig(**{{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}})
-train.main(sys.argv[2:])
+import data, model, presets, train
+network = model.config_from_dict(json.loads(sys.argv[1]))
+recipe = presets.PRESETS[data.DATASETS[{dataset!r}].preset].recipe
+presets.PRESETS["candidate"] = presets.Preset("candidate", network, recipe)
+train.main(sys.argv[2:] + ["--preset", "candidate"])
 """
 
 
@@ -108,7 +118,7 @@ def train_until(config, flags, dataset, data_dir, out, steps):
     """Train (or continue) the candidate's run in `out` to `steps` steps; returns the wall seconds it took."""
     resume = ["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", TRAIN_WITH_CONFIG.format(repo=REPO, dataset=dataset), json.dumps(config),
+    run = subprocess.run([sys.executable, "-c", TRAIN_CANDIDATE.format(repo=REPO, dataset=dataset), json.dumps(config),
                           "--dataset", dataset, "--data-dir", data_dir, "--out-dir", out, "--max-steps", str(steps),
                           "--sample-every", "0", "--ckpt-every", "100000", *flags, *resume],
                          capture_output=True, text=True)
@@ -135,7 +145,7 @@ def train_candidates(args):
     os.makedirs(args.out, exist_ok=True)
     for name in args.candidates:
         fields, flags = candidates(args.dataset)[name]
-        config = dataclasses.asdict(UNetConfig(**SHAPES[args.dataset], **fields))
+        config = dataclasses.asdict(UNetConfig(**shape_fields(args.dataset), **fields))
         out = os.path.join(args.out, args.dataset, name)
         if args.train_steps:  # milestones in steps: continue the run in `out` (exactly, by --resume) if there is one
             milestones = args.train_steps
@@ -206,7 +216,7 @@ def time_candidates(args):
     for name in args.candidates:
         fields, flags = candidates(args.dataset)[name]
         train_args = train.parse_args(["--dataset", args.dataset, "--data-dir", args.data_dir, *flags])
-        shape = SHAPES[args.dataset]
+        shape = shape_fields(args.dataset)
         net = UNet(UNetConfig(**shape, **fields))
         ema, optimizer = copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=train_args.lr)
         g = torch.Generator().manual_seed(0)
@@ -276,7 +286,7 @@ def report(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["train", "evaluate", "time", "report"])
-    p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
+    p.add_argument("--dataset", default="mnist", choices=SEARCHED)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--candidates", nargs="+", choices=[*CANDIDATES, *CIFAR_CANDIDATES],
                    help="default: every candidate of the dataset's shape (cifar10: the cifar-* ones)")

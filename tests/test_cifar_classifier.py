@@ -22,7 +22,7 @@ import data
 import metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CIFAR10 = data.CLASS_NAMES["cifar10"]
+CIFAR10 = data.DATASETS["cifar10"].classes
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ import classifier as C
 import guidance as G
 import model as M
 import sample as SM
+from presets import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -139,7 +140,7 @@ class ZeroEps(torch.nn.Module):
 def test_autograd_gradient_matches_central_finite_differences():
     """∇_z log p_φ(c | z_λ) through classifier_guided_eps (under no_grad, batched) against per-sample central
     differences of log_softmax(p_φ) in float64, every pixel; no gradient accumulates in p_φ's weights."""
-    clf = perturbed(M.NoisyClassifier(C.PRESETS["digits"]), seed=0).double()
+    clf = perturbed(M.NoisyClassifier(PRESETS["digits"].guide), seed=0).double()
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
     logsnr, labels = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64), torch.tensor([2, 7, 5])
@@ -164,8 +165,8 @@ def test_autograd_gradient_matches_central_finite_differences():
 
 @pytest.mark.parametrize("base", ["uncond", "cond"])
 def test_the_rule_plugs_into_every_sampler_with_the_real_networks(base):
-    unet = perturbed(M.UNet(M.PRESETS["digits"]), seed=2).requires_grad_(False)
-    clf = perturbed(M.NoisyClassifier(C.PRESETS["digits"]), seed=3)
+    unet = perturbed(M.UNet(PRESETS["digits"].network), seed=2).requires_grad_(False)
+    clf = perturbed(M.NoisyClassifier(PRESETS["digits"].guide), seed=3)
     rule = functools.partial(G.classifier_guided_eps, classifier=clf, base=base)
     labels, w = torch.tensor([1, 7, 3]), torch.tensor([0.0, 2.0, -1.0])
     for sampler in SM.SAMPLERS:
@@ -230,7 +231,7 @@ def test_script_writes_a_checkpoint_that_loads(trained):
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]  # no temporary files left
     clf, ckpt = M.load_model(str(out / "ckpt.pt"))
     assert ckpt["step"] == 20 and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["holdout"] == 20
-    assert ckpt["config"] == dataclasses.asdict(C.PRESETS["digits"])
+    assert ckpt["config"] == dataclasses.asdict(PRESETS["digits"].guide)
     assert ckpt["bands"] == [list(b) for b in C.BANDS]
     assert len(ckpt["band_accuracy"]) == len(C.BANDS) and all(0 <= a <= 1 for a in ckpt["band_accuracy"])
     assert not clf.training and clf(torch.zeros(2, 1, 8, 8), torch.zeros(2)).shape == (2, 10)
@@ -274,7 +275,7 @@ def test_script_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, a
 def ckpts(tmp_path_factory, trained):
     """A digits diffusion checkpoint (random weights), the trained classifier, and classifiers that do not fit."""
     d = tmp_path_factory.mktemp("sample_ckpts")
-    unet = perturbed(M.UNet(M.PRESETS["digits"]), seed=4)
+    unet = perturbed(M.UNet(PRESETS["digits"].network), seed=4)
     state = unet.state_dict()
     M.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(unet.config),
                        "args": {"dataset": "digits"}}, str(d / "diffusion.pt"))
@@ -282,7 +283,7 @@ def ckpts(tmp_path_factory, trained):
     M.save_checkpoint(good, str(d / "clf.pt"))
     M.save_checkpoint({**good, "args": {**good["args"], "dataset": "mnist"}}, str(d / "clf_mnist.pt"))
     for name, change in [("size", dict(image_size=28)), ("channels", dict(in_channels=3)), ("classes", dict(num_classes=5))]:
-        config = dataclasses.replace(C.PRESETS["digits"], **change)
+        config = dataclasses.replace(PRESETS["digits"].guide, **change)
         state = M.NoisyClassifier(config).state_dict()
         M.save_checkpoint({**good, "config": dataclasses.asdict(config), "model": state, "ema": state},
                           str(d / f"clf_{name}.pt"))

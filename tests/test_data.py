@@ -6,6 +6,7 @@ Python 2 protocol-2 pickles, hand-assembled opcode by opcode), so a loader that 
 
 Run: python -m pytest -q tests/test_data.py
 """
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -97,12 +98,11 @@ class Server:
 
 @pytest.fixture
 def server(synthetic, monkeypatch):
-    """A local mirror of the synthetic files, with SOURCES' MD5s set to theirs and no retry delay."""
+    """A local mirror of the synthetic files, with the entries' MD5s set to theirs and no retry delay."""
     for name in ("mnist", "fashion-mnist", "cifar10"):
-        files = synthetic[name]["files"]
-        splits = {train: tuple((f, md5(files[f])) for f, _ in data.SOURCES[name][1][train])
-                  for train in (True, False)}
-        monkeypatch.setitem(data.SOURCES, name, (data.SOURCES[name][0], splits))
+        files, entry = synthetic[name]["files"], data.DATASETS[name]
+        splits = {train: tuple((f, md5(files[f])) for f, _ in entry.files[train]) for train in (True, False)}
+        monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(entry, files=splits))
     monkeypatch.setattr(data, "RETRY_DELAY_S", 0.0)
     s = Server(synthetic)
     monkeypatch.setenv(data.MIRROR_ENV, s.url)
@@ -219,7 +219,7 @@ def test_persistently_bad_transfer_is_reported_and_leaves_nothing(server, tmp_pa
     with pytest.raises(data.DataError) as e:
         data.load_dataset("cifar10", str(tmp_path))
     reason = {"truncated": "MD5", "corrupt": "MD5", "close_early": "connection closed after"}[mode]
-    assert_one_line_data_error(e, f"{data.DOWNLOAD_ATTEMPTS} attempts", reason, CIFAR, data.SOURCES["cifar10"][0])
+    assert_one_line_data_error(e, f"{data.DOWNLOAD_ATTEMPTS} attempts", reason, CIFAR, data.DATASETS["cifar10"].url)
     assert server.requests[path] == data.DOWNLOAD_ATTEMPTS
     assert os.listdir(tmp_path / "cifar10") == []  # neither the file nor a temporary one
     assert capsys.readouterr().err.count("trying again") == data.DOWNLOAD_ATTEMPTS - 1
@@ -237,7 +237,7 @@ def test_no_network_names_the_files_and_writes_nothing(tmp_path, monkeypatch):
     for name, files in (("mnist", IDX_FILES[:2]), ("cifar10", (CIFAR,))):
         with pytest.raises(data.DataError) as e:
             data.load_dataset(name, str(tmp_path / "data"))
-        message = assert_one_line_data_error(e, *files, data.SOURCES[name][0], str(tmp_path / "data" / name))
+        message = assert_one_line_data_error(e, *files, data.DATASETS[name].url, str(tmp_path / "data" / name))
         assert "place" in message
     assert not (tmp_path / "data").exists()
 

@@ -25,7 +25,8 @@ from PIL import Image
 
 import data
 import train
-from model import PRESETS, UNetConfig, load_checkpoint, save_checkpoint
+from model import UNetConfig, load_checkpoint, save_checkpoint
+from presets import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
@@ -212,7 +213,7 @@ class PickledCode:
 
 
 def write_checkpoint(path, dataset="digits", config=None, pickled_code=False, truncate=False):
-    ckpt = {"config": dataclasses.asdict(config or PRESETS["digits"]), "ema": {}, "args": {"dataset": dataset}}
+    ckpt = {"config": dataclasses.asdict(config or PRESETS["digits"].network), "ema": {}, "args": {"dataset": dataset}}
     if pickled_code:
         ckpt["hook"] = PickledCode()
         torch.save(ckpt, path)
@@ -224,7 +225,7 @@ def write_checkpoint(path, dataset="digits", config=None, pickled_code=False, tr
 
 
 # (flags, a phrase the one-line message must contain, the checkpoint to put in {tmp}/out first).
-OTHER_CONFIG = UNetConfig(**{**dataclasses.asdict(PRESETS["digits"]), "channels": 16})
+OTHER_CONFIG = UNetConfig(**{**dataclasses.asdict(PRESETS["digits"].network), "channels": 16})
 BAD_INPUTS = [
     (["--dataset", "imagenet"], "invalid choice", None),
     (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "place", None),  # offline and no files
@@ -257,7 +258,7 @@ BAD_INPUTS = [
     (["--holdout", "200"], "cannot hold out 200", None),  # digits: 174-183 images per class
     (["--image-size", "16"], "applies to --dataset imagefolder only", None),
     (["--preset", "mnist"], "--preset mnist is not a network for the images of digits: choose one of digits", None),
-    (["--dataset", "mnist", "--preset", "cifar10"], "choose one of mnist, fashion-mnist", None),
+    (["--dataset", "mnist", "--preset", "cifar10"], "choose one of mnist,", None),
     (["--dataset", "imagefolder", "--data-dir", "{tmp}/empty"], "no folder", None),
     (["--dataset", "imagefolder", "--image-size", "4"], "--image-size: must be 8 or more", None),
     (["--dataset", "imagefolder", "--preset", "imagenet"], "invalid choice", None),

@@ -99,7 +99,7 @@ def test_dry_run_passes_every_stage_and_records_what_is_on_disk(tmp_path):
     data_dir = work / "cifar10" / "data"
     assert cifar["data_dir"] == str(data_dir)
     for split in ("train", "test"):
-        assert sorted(os.listdir(data_dir / split)) == sorted(data.CLASS_NAMES["cifar10"])
+        assert sorted(os.listdir(data_dir / split)) == sorted(data.DATASETS["cifar10"].classes)
     ckpt = load_checkpoint(str(work / "cifar10" / "run" / "ckpt.pt"))
     assert ckpt["step"] == cifar["train"]["steps"] == 1 and ckpt["config"]["channels"] == 128
     assert ckpt["args"]["dataset"] == "cifar10" and ckpt["args"]["data_dir"] == str(data_dir)

@@ -9,15 +9,13 @@ independent references.
 - The stop-gradient: gft_loss's gradient equals that of the same expression with ε_s(z, ∅, 1) a constant computed
   separately, and differs from the gradient without it; the two passes are recorded (the constant one without
   gradient, without dropout, label ∅, β = 1; the model's mode restored). β ≡ 1 gives train.diffusion_loss exactly.
-- The network without the option: the same state dict and outputs (torch.equal) as model.py before the option
-  existed (read from git at a pinned commit) and as a checkpoint whose config lacks the field; the option on starts
-  as the network without it (zero-initialised last layer).
+- The network without the option: a checkpoint whose config lacks the field loads and gives the same outputs
+  (torch.equal); the option on starts as the network without it (zero-initialised last layer).
 - The rule: one evaluation per step at β = 1/(1 + w) with every sampler (a recording stub); w = 0 gives the
   conditional model's samples exactly; w < 0 and a network without the strength input raise ValueError; the
   command line end to end.
 """
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -33,13 +31,12 @@ from test_sample import MixtureEps
 
 import guidance as G
 import model as M
+from presets import PRESETS
 import sample as SM
 import schedule as S
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The last commit of model.py before the strength input existed: the reference for "off is exactly as before".
-MODEL_BEFORE = "0a3922018236d64c06343c261e1f226766c27695"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,51 +275,10 @@ def test_beta_is_uniform_on_its_range(beta_min):
 # ---------------------------------------------------------------- off: exactly the network as before
 
 
-def model_before(tmp_path):
-    """model.py as it was before the strength input, from git (skipped where the history is not at hand)."""
-    try:
-        source = subprocess.run(["git", "-C", REPO, "show", f"{MODEL_BEFORE}:model.py"], capture_output=True,
-                                check=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"needs the git history of model.py (commit {MODEL_BEFORE[:10]}); not available here")
-    (tmp_path / "model_before.py").write_text(source)
-    spec = importlib.util.spec_from_file_location("model_before", tmp_path / "model_before.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert not hasattr(module.UNetConfig(), "strength_input")
-    return module
-
-
 def unet_inputs(config, B=4):
     g = torch.Generator().manual_seed(2)
     z = torch.randn(B, config.in_channels, config.image_size, config.image_size, generator=g)
     return z, torch.linspace(-8, 8, B), torch.tensor([0, 3, config.num_classes, 9])[:B]
-
-
-@pytest.mark.parametrize("preset", ["digits", "mnist"])
-def test_off_is_the_network_before_the_option(preset, tmp_path):
-    """From the same seed, today's network and the one before the option have the same state dict (names, shapes,
-    values); given the same random weights and inputs, the same outputs to the bit; and a checkpoint written with
-    the old config (no strength_input field) rebuilds today's network with those outputs."""
-    before = model_before(tmp_path)
-    torch.manual_seed(0)
-    old = before.UNet(before.PRESETS[preset]).eval()
-    torch.manual_seed(0)
-    new = M.UNet(M.PRESETS[preset]).eval()
-    old_state, new_state = old.state_dict(), new.state_dict()
-    assert list(old_state) == list(new_state) and all(torch.equal(old_state[k], new_state[k]) for k in old_state)
-    with torch.no_grad():
-        for p in old.parameters():
-            p.normal_(0, 0.1)
-    new.load_state_dict(old.state_dict())
-    z, logsnr, labels = unet_inputs(new.config)
-    with torch.no_grad():
-        expected = old(z, logsnr, labels)
-        assert torch.equal(new(z, logsnr, labels), expected)
-        ckpt = {"config": dataclasses.asdict(old.config), "ema": old.state_dict(), "model": old.state_dict()}
-        assert "strength_input" not in ckpt["config"]
-        rebuilt = M.model_from_checkpoint(ckpt).eval()
-        assert rebuilt.config.strength_input is False and torch.equal(rebuilt(z, logsnr, labels), expected)
 
 
 def test_off_checkpoint_round_trip_and_on_starts_as_off(tmp_path):
@@ -343,9 +299,9 @@ def test_off_checkpoint_round_trip_and_on_starts_as_off(tmp_path):
         plain(z, logsnr, labels, strength=0.5)
 
     torch.manual_seed(0)
-    off = M.UNet(M.PRESETS["digits"]).eval()
+    off = M.UNet(PRESETS["digits"].network).eval()
     torch.manual_seed(0)
-    on = M.UNet(dataclasses.replace(M.PRESETS["digits"], strength_input=True)).eval()
+    on = M.UNet(dataclasses.replace(PRESETS["digits"].network, strength_input=True)).eval()
     on_state = on.state_dict()
     assert all(torch.equal(on_state[k], v) for k, v in off.state_dict().items())
     assert sorted(set(on_state) - set(off.state_dict())) == [f"strength_mlp.{i}.{p}" for i in (0, 2)

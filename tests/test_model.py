@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+from presets import PRESETS
 
 
 def randomize(net, seed=0):
@@ -19,9 +20,9 @@ def randomize(net, seed=0):
     return net.eval()
 
 
-@pytest.mark.parametrize("name", list(M.PRESETS))
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_output_shape_equals_input_shape(name):
-    config = M.PRESETS[name]
+    config = PRESETS[name].network
     net = M.UNet(config).eval()
     z = torch.randn(2, config.in_channels, config.image_size, config.image_size)
     with torch.no_grad():
@@ -30,12 +31,12 @@ def test_output_shape_equals_input_shape(name):
 
 
 def test_cifar10_preset_is_the_ddpm_network():
-    n = sum(p.numel() for p in M.UNet(M.PRESETS["cifar10"]).parameters())
+    n = sum(p.numel() for p in M.UNet(PRESETS["cifar10"].network).parameters())
     assert abs(n - 35.7e6) < 0.1e6  # DDPM's CIFAR-10 model: 35.7M parameters
 
 
 def test_null_label_is_its_own_class():
-    config = M.PRESETS["digits"]
+    config = PRESETS["digits"].network
     net = randomize(M.UNet(config))
     assert net.null_label == config.num_classes == 10
     z = torch.randn(1, 1, 8, 8).expand(config.num_classes + 1, -1, -1, -1)
@@ -49,7 +50,7 @@ def test_null_label_is_its_own_class():
 
 
 def test_logsnr_changes_output_and_scalar_broadcasts():
-    net = randomize(M.UNet(M.PRESETS["digits"]))
+    net = randomize(M.UNet(PRESETS["digits"].network))
     z, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 10])
     with torch.no_grad():
         a = net(z, torch.full((3,), -5.0), labels)
@@ -67,7 +68,7 @@ def test_logsnr_to_unit_is_bounded_and_inverts_the_untruncated_cosine():
 
 
 def test_gradients_reach_the_class_embedding():
-    net = randomize(M.UNet(M.PRESETS["digits"])).train()
+    net = randomize(M.UNet(PRESETS["digits"].network)).train()
     labels = torch.tensor([3, 3, 7, 10])
     loss = net(torch.randn(4, 1, 8, 8), torch.zeros(4), labels).pow(2).mean()
     loss.backward()
@@ -81,7 +82,7 @@ def test_gradients_reach_the_class_embedding():
 def test_digits_preset_overfits_a_fixed_batch():
     """A fixed (x, λ, ε, c) is a regression problem: the loss must fall at least 10×."""
     torch.manual_seed(0)
-    net = M.UNet(M.PRESETS["digits"]).train()
+    net = M.UNet(PRESETS["digits"].network).train()
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     eps = torch.randn(8, 1, 8, 8)
     logsnr = torch.linspace(-5, 5, 8)
@@ -103,7 +104,7 @@ def test_digits_preset_overfits_a_fixed_batch():
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
-    config = M.PRESETS["digits"]
+    config = PRESETS["digits"].network
     net = randomize(M.UNet(config))
     path = str(tmp_path / "ckpt.pt")
     M.save_checkpoint({"config": dataclasses.asdict(config), "ema": net.state_dict(),

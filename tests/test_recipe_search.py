@@ -21,7 +21,7 @@ SCRIPT = os.path.join(REPO, "scripts", "recipe_search.py")
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import recipe_search as SEARCH  # noqa: E402
 
-CHOSEN_CIFAR = "cifar-tiny"  # the candidate that model.PRESETS["cifar10-cpu"] and its recipe in train.py are
+CHOSEN_CIFAR = "cifar-tiny"  # the candidate that presets.PRESETS["cifar10-cpu"] is
 
 
 def recipe_search(*args, cwd=None):
@@ -34,7 +34,7 @@ def cifar_folder(root, per_class=7):
     """root/train/<CIFAR-10 class>/<i>.png, 32×32 random colour (the layout of the JPEG CIFAR-10), 70 images: one
     batch of 64."""
     rng = np.random.default_rng(0)
-    for name in data.CLASS_NAMES["cifar10"]:
+    for name in data.DATASETS["cifar10"].classes:
         (root / "train" / name).mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / name / f"{i}.png")
@@ -46,7 +46,7 @@ def test_every_candidate_builds_at_its_image_shape_and_its_flags_parse(dataset):
     """A candidate that cannot be built (e.g. channel counts GroupNorm cannot split) fails here, not an hour into a search."""
     import train
     from model import UNet, UNetConfig
-    shape = SEARCH.SHAPES[dataset]
+    shape = SEARCH.shape_fields(dataset)
     for name, (fields, flags) in SEARCH.candidates(dataset).items():
         net = UNet(UNetConfig(**shape, **fields)).eval()
         x = torch.zeros(2, shape["in_channels"], shape["image_size"], shape["image_size"])
@@ -113,7 +113,8 @@ def test_the_cifar10_cpu_preset_is_the_chosen_candidate_step_for_step(tmp_path, 
     """train.py --dataset cifar10 --preset cifar10-cpu trains the search's chosen candidate: the same network and
     settings, so the same weights after the same steps as the candidate's run in the search."""
     import train
-    from model import PRESETS, load_checkpoint
+    from model import load_checkpoint
+    from presets import PRESETS
     monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
     folder = cifar_folder(tmp_path / "cifar")
     searched = recipe_search("train", "--dataset", "cifar10", "--data-dir", folder, "--candidates", CHOSEN_CIFAR,
@@ -127,7 +128,7 @@ def test_the_cifar10_cpu_preset_is_the_chosen_candidate_step_for_step(tmp_path, 
     assert preset.returncode == 0, preset.stderr
     a = load_checkpoint(str(tmp_path / "recipes" / "cifar10" / CHOSEN_CIFAR / "ckpt.pt"))
     b = load_checkpoint(str(out / "ckpt.pt"))
-    assert a["config"] == b["config"] and b["config"]["channels"] == PRESETS["cifar10-cpu"].channels
+    assert a["config"] == b["config"] and b["config"]["channels"] == PRESETS["cifar10-cpu"].network.channels
     for key in ("model", "ema"):
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], msg=f"{key}.{name}")
@@ -137,14 +138,15 @@ def test_the_cifar10_cpu_preset_is_the_chosen_candidate_step_for_step(tmp_path, 
     assert all(getattr(recipe, k) == getattr(flags, k) for k in ("batch_size", "lr", "warmup_steps", "ema_warmup",
                                                                  "ema_decay", "grad_clip"))
     ddpm = train.parse_args(["--dataset", "cifar10"])
-    assert (ddpm.lr, ddpm.warmup_steps, ddpm.batch_size, ddpm.preset) == (2e-4, 5000, 128, None)
+    assert (ddpm.lr, ddpm.warmup_steps, ddpm.batch_size, ddpm.preset) == (2e-4, 5000, 128, "cifar10")
 
 
 def test_bench_measures_the_cifar10_cpu_preset_with_its_recipe_not_the_ddpm_one(tmp_path):
     """bench.py --presets cifar10-cpu: a preset that is not a dataset's name is timed with the settings that
     train.py --dataset cifar10 --preset cifar10-cpu trains it with (its batch of 64, lr 2e-3), on its own network."""
     import bench
-    from model import PRESETS, UNet
+    from model import UNet
+    from presets import PRESETS
     assert bench.preset_flags("cifar10-cpu") == ["--dataset", "cifar10", "--preset", "cifar10-cpu"]
     out = tmp_path / "bench.json"
     bench.main(["--presets", "cifar10-cpu", "--iters", "1", "--min-seconds", "0", "--no-sample",
@@ -153,7 +155,7 @@ def test_bench_measures_the_cifar10_cpu_preset_with_its_recipe_not_the_ddpm_one(
     assert (row["preset"], row["batch_size"]) == ("cifar10-cpu", 64)
     # a training step is a forward F and a backward of about 2F of the preset's network at batch 64
     from torch.utils.flop_counter import FlopCounterMode
-    config = PRESETS["cifar10-cpu"]
+    config = PRESETS["cifar10-cpu"].network
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         UNet(config)(torch.zeros(64, 3, 32, 32), torch.zeros(64), torch.zeros(64, dtype=torch.long))
     assert 2.5 < row["flops_per_step"] / counter.get_total_flops() < 3.5

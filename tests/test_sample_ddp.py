@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import model as M
+from presets import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses on the shared machine
@@ -33,7 +34,7 @@ def free_port():
 def ckpt(tmp_path_factory):
     """A digits-preset checkpoint with random weights, its zero-initialised layers too (else ε ≡ 0)."""
     torch.manual_seed(0)
-    net = M.UNet(M.PRESETS["digits"])
+    net = M.UNet(PRESETS["digits"].network)
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():

@@ -24,7 +24,8 @@ from PIL import Image
 
 import data
 import train
-from model import PRESETS, UNet, load_checkpoint, model_from_checkpoint
+from model import UNet, load_checkpoint, model_from_checkpoint
+from presets import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -55,10 +56,11 @@ def assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run of STEPS steps, with a sample.py that cannot run (training must go on)."""
+    """An uninterrupted run of STEPS steps, with previews that cannot be written (training must go on)."""
     out = tmp_path_factory.mktemp("reference")
-    script = ("import sys, train; train.SAMPLE_PY = '/nonexistent/sample.py'; "
-              "train.main(sys.argv[1:])")
+    script = ("import sys, sample, train\n"
+              "def broken(*args, **kwargs): raise OSError('no space left')\n"
+              "sample.save_grid = broken\ntrain.main(sys.argv[1:])")
     result = run_train(RUN + ["--max-steps", str(STEPS), "--sample-every", "10", "--out-dir", str(out)], script=script)
     assert result.returncode == 0, result.stderr
     return out, result
@@ -173,7 +175,7 @@ def reference_loss(model, x, labels, p_uncond, generator):
 def test_diffusion_loss_equals_a_hand_computation(kind):
     torch.manual_seed(0)
     if kind == "unet":
-        model = UNet(PRESETS["digits"]).eval()
+        model = UNet(PRESETS["digits"].network).eval()
         # Give the zero-initialised output layers weights, so the prediction depends on every input.
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
@@ -196,7 +198,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss():
     torch.manual_seed(0)
     images, labels = load_dataset("digits")
     x, labels = to_model_range(images[:16]), labels[:16]
-    model = UNet(PRESETS["digits"])
+    model = UNet(PRESETS["digits"].network)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def fixed_noise_loss():  # the same ∅, λ and ε every time
@@ -271,7 +273,7 @@ def test_checkpoint_round_trip(reference):
     out, result = reference
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # weights_only=True
     assert ckpt["step"] == STEPS and ckpt["args"]["dataset"] == "digits" and ckpt["args"]["seed"] == 3
-    assert ckpt["config"] == dataclasses.asdict(PRESETS["digits"])
+    assert ckpt["config"] == dataclasses.asdict(PRESETS["digits"].network)
     assert ckpt["class_names"] == [str(i) for i in range(10)]
     assert ckpt["losses"].shape == (STEPS,) and torch.isfinite(ckpt["losses"]).all()
     assert ckpt["losses"][-5:].mean() < ckpt["losses"][:5].mean()
@@ -281,10 +283,10 @@ def test_checkpoint_round_trip(reference):
             assert torch.equal(value, ckpt[weights][name])
     # The EMA is an average, not a copy; the optimizer state loads into a fresh Adam.
     assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
-    optimizer = torch.optim.Adam(UNet(PRESETS["digits"]).parameters())
+    optimizer = torch.optim.Adam(UNet(PRESETS["digits"].network).parameters())
     optimizer.load_state_dict(ckpt["optimizer"])
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
-    # sample.py could not run: each preview was a one-line warning and the run went on to the end.
+    # the previews could not be written: each preview was a one-line warning and the run went on to the end.
     warnings = [line for line in result.stderr.splitlines() if "warning: no preview grid" in line]
     assert len(warnings) == 3 and "Traceback" not in result.stderr  # steps 10, 20 and the last one, 24
     assert not [f for f in os.listdir(out) if ".tmp" in f]
@@ -336,18 +338,17 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=ENV, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(os.path.join(out, f"params_rank{r}.pt")) for r in (0, 1))
-    assert len(rank0) == len(rank1) == len(list(UNet(PRESETS["digits"]).parameters()))
+    assert len(rank0) == len(rank1) == len(list(UNet(PRESETS["digits"].network).parameters()))
     for p0, p1 in zip(rank0, rank1):
         assert torch.equal(p0, p1)  # DDP averages the gradients: every rank takes the same step
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == steps
-    names = [name for name, _ in UNet(PRESETS["digits"]).named_parameters()]
+    names = [name for name, _ in UNet(PRESETS["digits"].network).named_parameters()]
     for p0, name in zip(rank0, names):
         assert torch.equal(p0, ckpt["model"][name])
     # Only rank 0 wrote files: one checkpoint, one preview grid, one loss curve (and the two test dumps).
-    expected = {"ckpt.pt", "loss.png", "train.lock", "params_rank0.pt", "params_rank1.pt"}
-    if os.path.exists(train.SAMPLE_PY):
-        expected.add(f"samples_{steps:07d}.png")
+    expected = {"ckpt.pt", "loss.png", "train.lock", "params_rank0.pt", "params_rank1.pt",
+                f"samples_{steps:07d}.png"}
     assert set(os.listdir(out)) == expected
     assert result.stdout.count("train.py: digits") == 1  # settings printed once
 
@@ -373,7 +374,7 @@ def test_torchrun_stops_every_process_when_the_out_dir_is_taken(tmp_path):
 
 @pytest.mark.parametrize("preset", ["digits", "mnist", "cifar10"])
 def test_fit_config_is_the_preset_at_its_own_size_and_keeps_attention_levels(preset):
-    config = PRESETS[preset]
+    config = PRESETS[preset].network
     assert train.fit_config(config, config.image_size, config.in_channels, config.num_classes) == config
     fitted = train.fit_config(config, 2 * config.image_size, 1, 3)
     assert (fitted.image_size, fitted.in_channels, fitted.num_classes) == (2 * config.image_size, 1, 3)
@@ -382,7 +383,7 @@ def test_fit_config_is_the_preset_at_its_own_size_and_keeps_attention_levels(pre
 
 
 def test_fit_config_rounds_odd_sizes_up_as_the_unet_does():
-    fitted = train.fit_config(PRESETS["mnist"], 30, 3, 4)  # mnist: levels 28, 14, 7 with attention at 7
+    fitted = train.fit_config(PRESETS["mnist"].network, 30, 3, 4)  # mnist: levels 28, 14, 7 with attention at 7
     assert fitted.attention_resolutions == (8,)  # levels 30, 15, 8
     model = UNet(fitted)
     attention_levels = [block.attn.__class__.__name__ for block in model.down if hasattr(block, "attn")]
@@ -409,8 +410,8 @@ def test_imagefolder_run_trains_on_the_folder_and_stores_its_class_names(tmp_pat
     assert "imagefolder, 12 images (1, 8, 8) of 3 classes" in result.stdout
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["class_names"] == ["ant", "bee", "zebra"]
-    assert ckpt["config"] == dataclasses.asdict(train.fit_config(PRESETS["mnist"], 8, 1, 3))
-    assert ckpt["args"]["preset"] == "mnist" and ckpt["args"]["lr"] == train.DATASET_DEFAULTS["mnist"]["lr"]
+    assert ckpt["config"] == dataclasses.asdict(train.fit_config(PRESETS["mnist"].network, 8, 1, 3))
+    assert ckpt["args"]["preset"] == "mnist" and ckpt["args"]["lr"] == PRESETS["mnist"].recipe.lr
     assert model_from_checkpoint(ckpt)(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.tensor([3])).shape == (1, 1, 8, 8)
     assert len(os.listdir(tmp_path / "cache")) == 1
     # A class folder added before --resume changes the model: one line, exit 2.
@@ -427,7 +428,7 @@ def test_training_asks_data_py_for_the_training_split_only(tmp_path, monkeypatch
     def record(name, data_dir, train=True, **kwargs):
         calls.append((name, train))
         raise data.DataError("recorded")
-    monkeypatch.setattr(train, "load_dataset", record)
+    monkeypatch.setattr(data, "load_dataset", record)
     for name in ("cifar10", "imagefolder"):
         with pytest.raises(SystemExit):
             train.main(["--dataset", name, "--out-dir", str(tmp_path / name)])

@@ -11,13 +11,17 @@ The lift-out files (schedule.py, model.py, guidance.py, sample.py) do not import
 be copied into another project alone.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import tempfile
 
 import torch
+import torch.distributed as dist
 
 
 def fail(message, prog):
@@ -68,6 +72,26 @@ def device(name, fail):
     return dev
 
 
+def distributed(name, fail):
+    """(device, rank, world_size): one process, or under torchrun (RANK and WORLD_SIZE set) a rank
+    of a process group on its own GPU (NCCL) or on the CPU (gloo)."""
+    dev = device(name, fail)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return dev, 0, 1
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dev, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is True on any rank (one all-reduce)."""
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
     a crash at any moment leaves the old file or the new one, never half of one."""
@@ -88,6 +112,51 @@ def atomic_write(path, write, mode="wb"):
 def write_json(path, result):
     """A command's result as JSON (`--json PATH`), written atomically."""
     atomic_write(path, lambda f: json.dump(result, f, indent=1), mode="w")
+
+
+def lock_out_dir(out_dir, lock_file, prog):
+    """Hold out_dir for this process's life: (the open lock file, None), or (None, an error line).
+
+    An exclusive flock on out_dir/lock_file, which holds this process's PID for the message another
+    run gets. The OS releases it however the process ends (kill -9 too), so it is never stale; the
+    file stays (removing it could let two runs lock two different files)."""
+    path = os.path.join(out_dir, lock_file)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # checkpoints are written, then renamed
+        lock = open(path, "a+")  # "a+": opening keeps the PID written by the holder
+    except OSError as e:
+        return None, f"cannot write to --out-dir {out_dir}: {e.strerror}; choose a writable folder"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.seek(0)
+        holder = lock.read().strip()  # empty only while the holder is between flock and write
+        lock.close()
+        if isinstance(e, BlockingIOError):
+            who = (f"another {prog} (process {holder})" if holder
+                   else f"another {prog} that is starting")
+            return None, (f"--out-dir {out_dir} is in use by {who}: wait for it to end or stop "
+                          "it, or choose another --out-dir")
+        return None, f"cannot lock {path} ({e.strerror}): choose an --out-dir on a local disk"
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock, None
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to stop after this step and save; a second Ctrl-C stops now."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _umask():

@@ -65,8 +65,8 @@ _PRESETS = [
            ClassifierConfig(image_size=8, in_channels=1, channels=32, channel_mult=(1, 2),
                             num_res_blocks=1, attention_resolutions=(4,)),
            GuideRecipe(batch_size=64, lr=1e-3, max_steps=1000)),
-    # 28×28 MNIST family: the recipe search's choice for CPU minutes (scripts/recipe_search.py).
-    # p_φ is the encoder of an earlier, wider U-Net (32 channels).
+    # 28×28 MNIST family: the best samples per CPU minute among the candidates searched
+    # (docs/results.md). p_φ is the encoder of an earlier, wider U-Net (32 channels).
     Preset("mnist",
            UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4),
                       num_res_blocks=1, attention_resolutions=(7,), dropout=0.0),
@@ -74,9 +74,8 @@ _PRESETS = [
            ClassifierConfig(image_size=28, in_channels=1, channels=32, channel_mult=(1, 2, 4),
                             num_res_blocks=1, attention_resolutions=(7,)),
            GuideRecipe(batch_size=64, lr=1e-3, max_steps=2000)),
-    # The DDPM CIFAR-10 network and recipe (Ho et al. 2020, appendix B): 35.7M parameters, Adam at
-    # 2e-4 with 5,000 warm-up steps, batch 128, EMA 0.9999, 800k steps. p_φ: ADM's classifier
-    # recipe (AdamW at 3e-4, batch 256, 300k steps) on this U-Net's encoder.
+    # The DDPM CIFAR-10 network and recipe (Ho et al. 2020, appendix B), for GPUs. p_φ: ADM's
+    # classifier recipe on this U-Net's encoder.
     Preset("cifar10",
            UNetConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
                       num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
@@ -87,13 +86,33 @@ _PRESETS = [
            GuideRecipe(batch_size=256, lr=3e-4, max_steps=300_000, log_every=1000,
                        ckpt_every=10_000)),
     # 32×32 colour on a CPU: the mnist network and recipe at CIFAR-10's shape (attention at 8×8),
-    # longer; the same search's choice on JPEG CIFAR-10.
+    # trained longer; the same search on CIFAR-10 chose it (docs/results.md).
     Preset("cifar10-cpu",
            UNetConfig(image_size=32, in_channels=3, channels=16, channel_mult=(1, 2, 4),
                       num_res_blocks=1, attention_resolutions=(8,), dropout=0.0),
            replace(CPU_RECIPE, max_steps=18000, sample_every=2000)),
 ]
 PRESETS = {preset.name: preset for preset in _PRESETS}
+
+
+def fits(network, dataset):
+    """Whether a network takes a named dataset's images and classes."""
+    shape = (network.in_channels, network.image_size, network.image_size)
+    return shape == tuple(dataset.shape) and network.num_classes == len(dataset.classes)
+
+
+def fit_config(config, image_size, in_channels, num_classes):
+    """A preset's network for other images (size, channels, classes), with self-attention at the
+    same U-Net levels (level i works at H halved i times, rounding up, as UNet does)."""
+    def level_sizes(size):
+        sizes = [size]
+        for _ in config.channel_mult[1:]:
+            sizes.append((sizes[-1] + 1) // 2)
+        return sizes
+    levels = zip(level_sizes(config.image_size), level_sizes(image_size))
+    attention = tuple(new for old, new in levels if old in config.attention_resolutions)
+    return replace(config, image_size=image_size, in_channels=in_channels,
+                               num_classes=num_classes, attention_resolutions=attention)
 
 
 if __name__ == "__main__":

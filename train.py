@@ -20,7 +20,6 @@ e), so a resumed run, however the first one ended (kill -9 too), ends with the s
     python train.py --dataset digits                    # offline 8x8 digits, minutes on a CPU
     python train.py --dataset cifar10 --preset cifar10-cpu --data-dir DIR   # CIFAR-10 on a CPU
     torchrun --nproc_per_node=8 train.py --dataset cifar10 --amp --compile  # the DDPM recipe
-    python train.py --dataset digits --resume           # continue out/digits/ckpt.pt
     python train.py --dataset imagefolder --data-dir DIR --image-size 32    # DIR/train/<class>/*
     python train.py --dataset mnist --guidance-free     # GFT's loss (gft_loss) in place of line 7
 
@@ -30,15 +29,11 @@ column per class, the same noise every time), loss.png, and train.lock (held whi
 import argparse
 import copy
 import dataclasses
-import fcntl
 import functools
 import glob
 import math
 import os
-import signal
-import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -53,10 +48,10 @@ import data
 import guidance
 import sample
 from model import CheckpointError, UNet, config_from_dict, load_checkpoint, save_checkpoint
-from presets import PRESETS, Recipe
+from presets import PRESETS, Recipe, fit_config, fits
 from schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule, per_example, q_sample
 
-LOCK_FILE = "train.lock"  # in --out-dir: held by the run that writes there (lock_out_dir)
+LOCK_FILE = "train.lock"  # in --out-dir: held by the run that writes there (cli.lock_out_dir)
 IMAGE_FOLDER_PRESET = "mnist"  # a user's images train this preset unless --preset says otherwise
 PREVIEW_W = (0.0, 1.0, 3.0)  # rows of the preview grids: the paper's w (0 = no guidance)
 fail = functools.partial(cli.fail, prog="train.py")
@@ -104,11 +99,8 @@ def update_ema(ema, model, decay):
 
 
 def train_step(model, ema, optimizer, x, labels, null_label, step, args):
-    """One step (0-based) of Algorithm 1 with DDPM's optimisation recipe; the detached loss.
-
-    model: the network to call (maybe DDP-wrapped or compiled). args: train.py's settings (reads
-    p_uncond, logsnr_schedule, guidance_free, lr, warmup_steps, grad_clip, ema_decay, ema_warmup,
-    amp)."""
+    """One step (0-based) of Algorithm 1 with DDPM's recipe, on `model` (maybe DDP-wrapped or
+    compiled) with train.py's settings `args`; returns the detached loss."""
     for group in optimizer.param_groups:  # linear learning-rate warm-up (DDPM)
         group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
     loss_fn = gft_loss if args.guidance_free else diffusion_loss
@@ -140,18 +132,12 @@ def sample_beta(batch_size, beta_min=BETA_RANGE[0], generator=None, device=None)
 
 def gft_loss(model, x, labels, null_label, p_uncond=0.1, schedule="cosine", generator=None, *,
              beta_min=BETA_RANGE[0]):
-    """Guidance-free training (Chen et al. 2025, arXiv 2501.15420) in place of line 7.
-
-    CFG read backwards with β = 1/(1 + w): ε_θ(z, c) = β ε̃ + (1 − β) ε_θ(z, ∅). GFT learns ε̃ as
-    a network ε_s(z, c, β) (model.UNetConfig(strength_input=True)) through Algorithm 1's loss:
-
-        ‖β ε_s(z_λ, c, β) + (1 − β) sg[ε_s(z_λ, ∅, 1)] − ε‖²,   β ~ U(β_min, 1) per example
-
-    (sg: stop-gradient). At the optimum ε_s(z, c, β) = (1 + w) ε*(z, c) − w ε*(z, ∅) with
-    w = 1/β − 1: CFG's ε̃ in one evaluation (guidance.guidance_free_eps). As the authors' code:
-    sg[·] uses the current weights in eval mode under no_grad; an example dropped to ∅ is fed
-    β = 1 but mixed with its drawn β. Draws as diffusion_loss (∅, λ, ε), then B uniforms for β,
-    so beta_min=1 gives diffusion_loss's value."""
+    """Guidance-free training (Chen et al. 2025, arXiv 2501.15420) in place of line 7: with
+    β = 1/(1 + w), ‖β ε_s(z_λ, c, β) + (1 − β) sg[ε_s(z_λ, ∅, 1)] − ε‖², β ~ U(β_min, 1), whose
+    optimum ε_s(z, c, β) is CFG's ε̃ = (1 + w) ε*(z, c) − w ε*(z, ∅) in one evaluation
+    (guidance.guidance_free_eps). As the authors' code: sg[·] (stop-gradient) runs the current
+    weights in eval mode; an example dropped to ∅ is fed β = 1 but mixed with its drawn β. Draws
+    as diffusion_loss (∅, λ, ε), then β: beta_min=1 gives diffusion_loss's value."""
     labels = drop_labels(labels, p_uncond, null_label, generator)  # line 3
     drop_label = labels == null_label  # True: c = ∅ (fed β = 1)
     logsnr = sample_logsnr(x.shape[0], schedule, generator, x.device)  # line 4, (B,)
@@ -192,20 +178,7 @@ def random_flips(x):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def any_rank(flag, device):
-    """True on every rank if `flag` is True on any rank (one all-reduce)."""
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 # ------------------------------------------------------------------ settings
-
-def fits(network, dataset):
-    """Whether a network takes a named dataset's images and classes."""
-    shape = (network.in_channels, network.image_size, network.image_size)
-    return shape == tuple(dataset.shape) and network.num_classes == len(dataset.classes)
-
 
 def parse_args(argv=None):
     """train.py's settings: the command line, then the preset's recipe for what it leaves out."""
@@ -225,8 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", help="checkpoint, grids and loss curve (default out/<dataset>)")
     p.add_argument("--p-uncond", type=cli.number(float, 0, 1, high_inclusive=True), default=0.1,
                    help="probability of ∅ (paper: 0.1; 0.2 was as good)")
-    p.add_argument("--logsnr-schedule", choices=["cosine", "uniform"], default="cosine",
-                   help="p(λ) (paper: cosine)")
+    p.add_argument("--logsnr-schedule", choices=["cosine", "uniform"], default="cosine")
     p.add_argument("--guidance-free", action="store_true", help="guidance-free training "
                    "(gft_loss) in place of line 7: samples CFG's w in one evaluation "
                    "(sample.py --guidance guidance-free); a deviation, off by default")
@@ -247,7 +219,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true",
-                   help="continue out_dir/ckpt.pt exactly (pass the same flags)")
+                   help="continue out_dir/ckpt.pt exactly (run the same command with --resume)")
+    p.add_argument("--json", metavar="PATH", help="also write the run's figures as JSON")
     args = p.parse_args(argv)
     if args.dataset == data.IMAGE_FOLDER:  # the preset's network, recipe and image size
         args.preset = args.preset or IMAGE_FOLDER_PRESET
@@ -273,66 +246,6 @@ def parse_args(argv=None):
     args.holdout = holdout if args.holdout is None else args.holdout
     args.out_dir = args.out_dir or os.path.join("out", args.dataset)
     return args
-
-
-def pick_device(args):
-    """(device, rank, world_size): DDP switches on only when torchrun sets RANK and WORLD_SIZE."""
-    device = cli.device(args.device, fail)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, 0, 1
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} does not split evenly across {world_size} processes")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world_size
-
-
-def fit_config(config, image_size, in_channels, num_classes):
-    """A preset's network for other images (size, channels, classes), with self-attention at the
-    same U-Net levels (level i works at H halved i times, rounding up, as UNet does)."""
-    def level_sizes(size):
-        sizes = [size]
-        for _ in config.channel_mult[1:]:
-            sizes.append((sizes[-1] + 1) // 2)
-        return sizes
-    levels = zip(level_sizes(config.image_size), level_sizes(image_size))
-    attention = tuple(new for old, new in levels if old in config.attention_resolutions)
-    return dataclasses.replace(config, image_size=image_size, in_channels=in_channels,
-                               num_classes=num_classes, attention_resolutions=attention)
-
-
-def lock_out_dir(out_dir):
-    """Hold out_dir for this process's life: (the open lock file, None), or (None, an error line).
-
-    An exclusive flock on out_dir/train.lock, which holds this process's PID for the message another
-    run gets. The OS releases it however the process ends (kill -9 too), so it is never stale; the
-    file stays (removing it could let two runs lock two different files)."""
-    path = os.path.join(out_dir, LOCK_FILE)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()  # checkpoints are written, then renamed
-        lock = open(path, "a+")  # "a+": opening keeps the PID written by the holder
-    except OSError as e:
-        return None, f"cannot write to --out-dir {out_dir}: {e.strerror}; choose a writable folder"
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        lock.seek(0)
-        holder = lock.read().strip()  # empty only while the holder is between flock and write
-        lock.close()
-        if isinstance(e, BlockingIOError):
-            who = (f"another train.py (process {holder})" if holder
-                   else "another train.py that is starting")
-            return None, (f"--out-dir {out_dir} is in use by {who}: wait for it to end or stop "
-                          "it, or choose another --out-dir")
-        return None, f"cannot lock {path} ({e.strerror}): choose an --out-dir on a local disk"
-    lock.truncate(0)
-    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock, None
 
 
 def resume_check(args, ckpt_path):
@@ -365,20 +278,18 @@ def check_resumed_config(ckpt, config, ckpt_path):
     except TypeError:  # fields that UNetConfig does not have
         fail(f"--resume: the model config in {ckpt_path} has fields that today's model.py lacks: "
              "resume with the model.py it was trained with, or start a new --out-dir")
-    changed = [f"{k} {stored[k]} -> {v}" for k, v in dataclasses.asdict(config).items()
-               if stored[k] != v]
+    changed = ", ".join(f"{k} {stored[k]} -> {v}" for k, v in dataclasses.asdict(config).items()
+                        if stored[k] != v)
     if changed:
-        fail(f"--resume: the model config in {ckpt_path} is not this run's ({', '.join(changed)}):"
-             " resume with the model.py, flags and data it was trained with, or start a new "
-             "--out-dir")
+        fail(f"--resume: the model config in {ckpt_path} is not this run's ({changed}): resume "
+             "with the model.py, flags and data it was trained with, or start a new --out-dir")
 
 
 # ------------------------------------------------------------------ outputs
 
 def draw_preview(ema, png_path, class_names, steps, guidance_free=False):
-    """A grid from the EMA weights: rows w = PREVIEW_W, one image per class, drawn as sample.py
-    draws them (image (c, 0) from the noise of seed (0, c, 0)), so grids of different steps
-    compare. Returns an error line, or None."""
+    """A grid from the EMA weights (rows w = PREVIEW_W, a column per class), on sample.py's noise
+    of seed (0, c, 0) every time, so that grids compare across steps; an error line, or None."""
     num_classes, device = len(class_names), next(ema.parameters()).device
     rule = guidance.RULES["guidance-free" if guidance_free else "cfg"]
     seeds = [np.random.SeedSequence([0, c, 0]).generate_state(1)[0] for c in range(num_classes)]
@@ -409,23 +320,8 @@ def plot_losses(losses, path):
     cli.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
-class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to stop after this step and save; a second Ctrl-C stops now."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
 def load_data(args, device):
-    """The training split on the device (uint8 (N, C, H, W), int64 (N,)), its class names and
-    whether to flip, less the held-out images."""
+    """The training split less the held-out images, on the device; its class names; flips."""
     try:
         images, labels = data.load_dataset(args.dataset, args.data_dir, train=True,
                                            image_size=args.image_size)
@@ -442,7 +338,7 @@ def load_data(args, device):
 
 def build(args, config, ckpt, ckpt_path, device):
     """(network, EMA, Adam, steps done, per-step losses): fresh, or from the checkpoint."""
-    torch.manual_seed(args.seed)  # the initial weights (the same on every rank)
+    torch.manual_seed(args.seed)  # the initial weights, the same on every rank
     model = UNet(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # θ_ema: the weights sample.py uses
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # DDPM: betas (0.9, 0.999)
@@ -461,22 +357,14 @@ def build(args, config, ckpt, ckpt_path, device):
     return model, ema, optimizer, start_step, losses
 
 
-def mean_loss(losses, ddp, world_size):
-    """The mean of a window of per-step losses over all ranks (the loop's only GPU sync)."""
-    window = losses.mean()
-    if ddp:
-        dist.all_reduce(window)
-        window /= world_size
-    return window.item()
-
-
 def non_finite(model, loss, first, last, ckpt_path):
-    """The error line when the loss or the weights are no longer finite, else None."""
+    """The error line if the loss or the weights are not finite, else None."""
     finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
     if math.isfinite(loss) and bool(finite):
         return None
-    kept = (f"the last good checkpoint {ckpt_path} is untouched (lower --lr and --resume from it)"
-            if os.path.exists(ckpt_path) else "no checkpoint was written (lower --lr and start again)")
+    kept = "no checkpoint was written (lower --lr and start again)"
+    if os.path.exists(ckpt_path):
+        kept = f"the last good checkpoint {ckpt_path} is untouched (lower --lr, --resume from it)"
     what = f"the loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
     return f"train.py: error: {what} in steps {first}-{last}; stopped, and {kept}"
 
@@ -486,10 +374,14 @@ def non_finite(model, loss, first, last, ckpt_path):
 def main(argv=None):
     # -------------------------------------------------------------- settings, lock, resume check
     args = parse_args(argv)
-    device, rank, world_size = pick_device(args)
+    if args.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
+        fail(f"--batch-size {args.batch_size} does not split evenly across "
+             f"{os.environ['WORLD_SIZE']} processes")
+    device, rank, world_size = cli.distributed(args.device, fail)
     ddp = dist.is_initialized()
-    lock, error = lock_out_dir(args.out_dir) if rank == 0 else (None, None)  # held until exit
-    if any_rank(error is not None, device) if ddp else error is not None:
+    lock, error = (cli.lock_out_dir(args.out_dir, LOCK_FILE, "train.py") if rank == 0
+                   else (None, None))  # held until the process ends
+    if cli.any_rank(error is not None, device) if ddp else error is not None:
         if ddp:
             dist.destroy_process_group()  # every rank leaves together
         fail(error)  # printed by rank 0
@@ -530,10 +422,10 @@ def main(argv=None):
                          "class_names": list(classes), "losses": losses[:step].cpu()}, ckpt_path)
 
     # -------------------------------------------------------------- the loop: Algorithm 1
-    stop_request = StopRequest()
+    stop_request = cli.StopRequest()
     bar = tqdm(initial=start_step, total=args.max_steps, disable=rank != 0, unit="step",
                dynamic_ncols=True)
-    last_log, t_log, perm_epoch = start_step, time.perf_counter(), None
+    last_log, t_log, perm_epoch, train_seconds = start_step, time.perf_counter(), None, 0.0
     for step in range(start_step, args.max_steps):
         torch.manual_seed(step_seed(args.seed, step, rank))  # ∅, λ, ε, flips and dropout
         epoch, i = divmod(step, batches_per_epoch)
@@ -550,18 +442,22 @@ def main(argv=None):
 
         stop = stop_request.requested
         if ddp:  # every process leaves at the same step: a stop is agreed on at log steps
-            stop = done % args.log_every == 0 and any_rank(stop, device)
+            stop = done % args.log_every == 0 and cli.any_rank(stop, device)
         draw = args.sample_every > 0 and (done % args.sample_every == 0 or done == args.max_steps)
         checkpoint = done % args.ckpt_every == 0 or draw or done == args.max_steps or stop
         if not (checkpoint or done % args.log_every == 0):
             continue
-        loss = mean_loss(losses[last_log:done], ddp, world_size)
+        window = losses[last_log:done].mean()  # the loop's only GPU sync
+        if ddp:
+            dist.all_reduce(window)
+        loss = window.item() / world_size
         error = non_finite(raw_model, loss, last_log + 1, done, ckpt_path)
         if error:  # the run ends before anything is saved
             bar.close()
             if rank == 0:
                 print(error, file=sys.stderr)
             sys.exit(1)
+        train_seconds += time.perf_counter() - t_log
         images_per_s = args.batch_size * (done - last_log) / (time.perf_counter() - t_log)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
         last_log = done
@@ -590,6 +486,12 @@ def main(argv=None):
         last = losses[max(0, done - args.log_every):done].mean()
         print(f"train.py: {done} steps, final loss {last:.4f} (mean of the last "
               f"{min(done, args.log_every)} steps); outputs in {args.out_dir}")
+        if args.json:  # training time alone, not saving or sampling
+            run = done - start_step
+            cli.write_json(args.json, dict(
+                steps=done, steps_this_run=run, final_loss=last.item(), checkpoint=ckpt_path,
+                train_seconds=train_seconds, processes=world_size, batch_size=args.batch_size,
+                images_per_second=args.batch_size * run / train_seconds if run else None))
     if ddp:
         dist.destroy_process_group()
 

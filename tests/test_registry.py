@@ -87,7 +87,7 @@ def test_classifier_py_trains_p_phi_of_the_new_preset(toy):
 
 def test_a_preset_is_found_for_the_images_it_fits(toy):
     _, dataset, preset = toy
-    assert train.fits(preset.network, dataset)
-    assert not train.fits(presets.PRESETS["mnist"].network, dataset)
+    assert presets.fits(preset.network, dataset)
+    assert not presets.fits(presets.PRESETS["mnist"].network, dataset)
     assert bench.preset_flags("toy-net") == ["--dataset", "toy", "--preset", "toy-net"]
     assert os.path.basename(train.parse_args(["--dataset", "toy"]).out_dir) == "toy"

@@ -1,24 +1,23 @@
-"""The continuous-time forward process of Classifier-Free Diffusion Guidance, in log-SNR form.
+"""The forward process of Classifier-Free Diffusion Guidance, in log-SNR form.
 
-Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598), section 2.
-Everything is a pure function of tensors; this file imports only torch and math, so it can
-be copied into another project as it is.
+Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598), sec. 2.
+Pure functions of tensors; imports only torch and math, so it copies as is.
 
-    λ = log(α_λ² / σ_λ²)                     the log signal-to-noise ratio (larger = less noise)
-    α_λ² = sigmoid(λ),  σ_λ² = sigmoid(−λ)    (variance preserving: α_λ² + σ_λ² = 1)
-    q(z_λ | x) = N(α_λ x, σ_λ² I)            forward process:  z_λ = α_λ x + σ_λ ε
-    q(z_λ | z_λ′) = N((α_λ/α_λ′) z_λ′, σ²_{λ|λ′} I),  σ²_{λ|λ′} = (1 − e^{λ−λ′}) σ_λ²      (λ < λ′)
-    q(z_λ′ | z_λ, x) = N(μ̃_{λ′|λ}(z_λ, x), σ̃²_{λ′|λ} I)                                   (λ < λ′)
+    λ = log(α_λ² / σ_λ²)          log signal-to-noise ratio (larger: less noise)
+    α_λ² = sigmoid(λ), σ_λ² = sigmoid(−λ)          (α_λ² + σ_λ² = 1)
+    q(z_λ | x) = N(α_λ x, σ_λ² I),  i.e.  z_λ = α_λ x + σ_λ ε
+    for λ < λ′:
+    q(z_λ | z_λ′) = N((α_λ/α_λ′) z_λ′, σ²_{λ|λ′} I),  σ²_{λ|λ′} = (1 − e^{λ−λ′}) σ_λ²
+    q(z_λ′ | z_λ, x) = N(μ̃_{λ′|λ}(z_λ, x), σ̃²_{λ′|λ} I)
         μ̃_{λ′|λ} = e^{λ−λ′} (α_λ′/α_λ) z_λ + (1 − e^{λ−λ′}) α_λ′ x
         σ̃²_{λ′|λ} = (1 − e^{λ−λ′}) σ_λ′²
 
-Training draws λ = −2 log tan(a u + b), u ~ U(0, 1) (the "cosine" schedule, a hyperbolic-secant
-density truncated to [λ_min, λ_max]); sampling walks the same curve from u = 1 to u = 0.
+Training draws λ = −2 log tan(a u + b), u ~ U(0, 1) (the "cosine" schedule: a
+hyperbolic secant truncated to [λ_min, λ_max]); sampling walks it from u = 1 to 0.
 
-Every `logsnr` argument may be a Python float, a 0-d tensor, or a tensor of shape (B,) that
-broadcasts over x of shape (B, ...). All formulas use sigmoid / logsigmoid / expm1, never
-"1 − something", so they stay finite and accurate in float32 over λ ∈ [−20, 20]
-(α at λ = −20 is about 4.5e-5).
+A `logsnr` may be a float, a 0-d tensor or a (B,) tensor that broadcasts over x
+of shape (B, ...). sigmoid / logsigmoid / expm1, never "1 − something", keep
+float32 accurate over λ ∈ [−20, 20] (α at λ = −20 is about 4.5e-5).
 
 Run `python schedule.py` to print α_λ, σ_λ and the schedule at a few points.
 """
@@ -31,8 +30,8 @@ LOGSNR_MAX = 20.0  # λ_max
 
 
 def per_example(value, like):
-    """A number or a (B,) tensor (λ, w, a scale) as a tensor of like's dtype and device that broadcasts over
-    like: a (B,) tensor is reshaped to (B, 1, ..., 1), one value per example. Every file uses this one helper."""
+    """A number or (B,) tensor (λ, w, a scale) as a tensor that broadcasts over
+    `like`, in its dtype and device: (B,) becomes (B, 1, ..., 1). The one helper."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.ndim == 1 and like.ndim > 1:
         value = value.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, 1, 1)
@@ -69,7 +68,7 @@ def logsnr_cosine_inverse(logsnr, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
 
 
 def logsnr_uniform(u, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX):
-    """λ = λ_max + u (λ_min − λ_max): the uniform-in-λ alternative, same orientation as cosine."""
+    """λ = λ_max + u (λ_min − λ_max): uniform in λ, oriented as cosine."""
     return logsnr_max + _as_tensor(u) * (logsnr_min - logsnr_max)
 
 
@@ -78,13 +77,15 @@ def logsnr_uniform_inverse(logsnr, logsnr_min=LOGSNR_MIN, logsnr_max=LOGSNR_MAX)
     return (logsnr_max - _as_tensor(logsnr)) / (logsnr_max - logsnr_min)
 
 
-SCHEDULES = {"cosine": logsnr_cosine, "uniform": logsnr_uniform}  # u ∈ [0, 1] -> λ, u = 0 at λ_max
+# u ∈ [0, 1] -> λ, with u = 0 at λ_max
+SCHEDULES = {"cosine": logsnr_cosine, "uniform": logsnr_uniform}
 
 
 def logsnr_schedule(u, schedule="cosine"):
-    """λ at u by name: "cosine" (the paper's, training's density and Algorithm 2's steps) or "uniform"."""
+    """λ at u by name: "cosine" (the paper's, for training and Alg. 2) or "uniform"."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown log-SNR schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown log-SNR schedule {schedule!r}: "
+                         f"use one of {', '.join(SCHEDULES)}")
     return SCHEDULES[schedule](u)
 
 
@@ -114,8 +115,8 @@ def q_posterior(z, x, logsnr, logsnr_next):
     logsnr = _as_tensor(logsnr, like=z)
     logsnr_next = _as_tensor(logsnr_next, like=z)
     alpha_next, sigma_next = alpha_sigma(logsnr_next)
-    one_minus_r = -torch.expm1(logsnr - logsnr_next)  # 1 − e^{λ−λ′}, accurate when λ′ − λ is small
-    # e^{λ−λ′} α_λ′/α_λ in log space: α_λ can be 4.5e-5, but the product is always ≤ 1.
+    one_minus_r = -torch.expm1(logsnr - logsnr_next)  # 1 − e^{λ−λ′}, accurate for small λ′ − λ
+    # e^{λ−λ′} α_λ′/α_λ in log space: α_λ can be 4.5e-5, the product is ≤ 1.
     z_coef = torch.exp(logsnr - logsnr_next
                        + 0.5 * (torch.nn.functional.logsigmoid(logsnr_next)
                                 - torch.nn.functional.logsigmoid(logsnr)))
@@ -125,10 +126,10 @@ def q_posterior(z, x, logsnr, logsnr_next):
 
 
 def reverse_variance(logsnr, logsnr_next, v):
-    """(σ̃²_{λ′|λ})^{1−v} (σ²_{λ|λ′})^v: Algorithm 2's log-space blend of the two variances.
+    """(σ̃²_{λ′|λ})^{1−v} (σ²_{λ|λ′})^v: Algorithm 2's log-space blend (λ < λ′).
 
-    v = 0 is the forward-posterior variance σ̃²_{λ′|λ} = (1 − e^{λ−λ′}) σ_λ′²,
-    v = 1 is the forward-process variance σ²_{λ|λ′} = (1 − e^{λ−λ′}) σ_λ²   (λ < λ′).
+    v = 0: the posterior variance σ̃²_{λ′|λ} = (1 − e^{λ−λ′}) σ_λ′²;
+    v = 1: the forward variance σ²_{λ|λ′} = (1 − e^{λ−λ′}) σ_λ².
     """
     logsnr = _as_tensor(logsnr)
     logsnr_next = _as_tensor(logsnr_next)

@@ -33,7 +33,8 @@ def test_alpha_sigma_float32_accurate_at_extremes(logsnr):
 
 def test_cosine_endpoints_and_inverse():
     u = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    assert torch.allclose(S.logsnr_cosine(u), torch.tensor([S.LOGSNR_MAX, S.LOGSNR_MIN], dtype=torch.float64))
+    ends = torch.tensor([S.LOGSNR_MAX, S.LOGSNR_MIN], dtype=torch.float64)
+    assert torch.allclose(S.logsnr_cosine(u), ends)
     u = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(S.logsnr_cosine_inverse(S.logsnr_cosine(u)), u, atol=1e-12)
     # Other bounds, and float32 stays finite over the whole range.
@@ -60,8 +61,10 @@ def test_cosine_follows_truncated_hyperbolic_secant():
 def test_uniform_schedule():
     u = torch.rand(100_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     lam = S.logsnr_uniform(u)
-    assert S.logsnr_uniform(0.0).item() == S.LOGSNR_MAX and S.logsnr_uniform(1.0).item() == S.LOGSNR_MIN
-    assert scipy.stats.kstest(lam.numpy(), scipy.stats.uniform(-20, 40).cdf).statistic < 1.63 / math.sqrt(len(lam))
+    assert S.logsnr_uniform(0.0).item() == S.LOGSNR_MAX
+    assert S.logsnr_uniform(1.0).item() == S.LOGSNR_MIN
+    ks = scipy.stats.kstest(lam.numpy(), scipy.stats.uniform(-20, 40).cdf).statistic
+    assert ks < 1.63 / math.sqrt(len(lam))  # the 1% critical value
     assert torch.allclose(S.logsnr_uniform_inverse(lam), u, atol=1e-12)
 
 
@@ -107,13 +110,14 @@ def test_q_posterior_equals_gaussian_conditioning(dtype, tol):
         x = rng.normal(size=3)
         z = rng.normal(size=3) * 2
         # The reference sees the inputs exactly as the tested dtype stores them.
-        lam, lam_next, x, z = (torch.tensor(a, dtype=dtype).double().numpy() for a in (lam, lam_next, x, z))
+        lam, lam_next, x, z = (torch.tensor(a, dtype=dtype).double().numpy()
+                               for a in (lam, lam_next, x, z))
         mean_fn, cov = brute_force_posterior(x, float(lam), float(lam_next))
-        mean, var = S.q_posterior(torch.tensor(z, dtype=dtype), torch.tensor(x, dtype=dtype),
-                                  torch.tensor(lam, dtype=dtype), torch.tensor(lam_next, dtype=dtype))
+        mean, var = S.q_posterior(*(torch.tensor(a, dtype=dtype) for a in (z, x, lam, lam_next)))
         ref_mean, ref_var = mean_fn(z), cov[0, 0]
         assert np.allclose(cov, ref_var * np.eye(3), atol=1e-12)  # isotropic
-        assert np.allclose(mean.numpy(), ref_mean, rtol=tol, atol=tol * (1 + np.abs(ref_mean).max()))
+        atol = tol * (1 + np.abs(ref_mean).max())
+        assert np.allclose(mean.numpy(), ref_mean, rtol=tol, atol=atol)
         assert abs(var.item() - ref_var) <= tol * ref_var + 1e-30
 
 
@@ -125,7 +129,8 @@ def test_q_posterior_batched_logsnr_matches_per_example():
     mean, var = S.q_posterior(z, x, lam, lam_next)
     for i in range(3):
         m_i, v_i = S.q_posterior(z[i], x[i], lam[i].item(), lam_next[i].item())
-        assert torch.allclose(mean[i], m_i, atol=1e-6) and torch.allclose(var[i].flatten(), v_i.flatten())
+        assert torch.allclose(mean[i], m_i, atol=1e-6)
+        assert torch.allclose(var[i].flatten(), v_i.flatten())
 
 
 @pytest.mark.parametrize("lam,lam_next", [(-2.0, 1.0), (0.5, 0.9), (-8.0, -5.0)])
@@ -141,11 +146,13 @@ def test_q_posterior_monte_carlo_regression(lam, lam_next):
     slope, intercept = np.polyfit(z.numpy(), z_next.numpy(), 1)
     resid_var = (z_next - (slope * z + intercept)).var().item()
     # q_posterior's mean is affine in z: read off its slope and intercept.
-    m0, var = S.q_posterior(torch.tensor(0.0, dtype=torch.float64), torch.tensor(x, dtype=torch.float64), lam, lam_next)
-    m1, _ = S.q_posterior(torch.tensor(1.0, dtype=torch.float64), torch.tensor(x, dtype=torch.float64), lam, lam_next)
+    x64 = torch.tensor(x, dtype=torch.float64)
+    m0, var = S.q_posterior(torch.tensor(0.0, dtype=torch.float64), x64, lam, lam_next)
+    m1, _ = S.q_posterior(torch.tensor(1.0, dtype=torch.float64), x64, lam, lam_next)
     se_slope = math.sqrt(var.item() / (n * z.var().item()))
     assert abs(slope - (m1 - m0).item()) < 5 * se_slope
-    assert abs(intercept + slope * z.mean().item() - (m0 + (m1 - m0) * z.mean()).item()) < 5 * math.sqrt(var.item() / n)
+    at_mean = intercept + slope * z.mean().item()  # the fit and q_posterior at the mean z
+    assert abs(at_mean - (m0 + (m1 - m0) * z.mean()).item()) < 5 * math.sqrt(var.item() / n)
     assert abs(resid_var / var.item() - 1) < 5 * math.sqrt(2 / n)
 
 
@@ -155,12 +162,12 @@ def test_reverse_variance_endpoints_and_blend():
     one_minus_r = -np.expm1(lam - lam_next)
     tilde = one_minus_r * sigmoid64(-lam_next)  # σ̃²_{λ′|λ}
     forward = one_minus_r * sigmoid64(-lam)  # σ²_{λ|λ′}
-    t = lambda a: torch.tensor(a, dtype=torch.float64)
-    assert np.allclose(S.reverse_variance(t(lam), t(lam_next), 0.0).numpy(), tilde, rtol=1e-12)
-    assert np.allclose(S.reverse_variance(t(lam), t(lam_next), 1.0).numpy(), forward, rtol=1e-12)
+    lam, lam_next = torch.tensor(lam), torch.tensor(lam_next)  # float64
+    assert np.allclose(S.reverse_variance(lam, lam_next, 0.0).numpy(), tilde, rtol=1e-12)
+    assert np.allclose(S.reverse_variance(lam, lam_next, 1.0).numpy(), forward, rtol=1e-12)
     for v in (0.2, 0.3, 0.7):
         ref = tilde ** (1 - v) * forward ** v
-        assert np.allclose(S.reverse_variance(t(lam), t(lam_next), v).numpy(), ref, rtol=1e-10)
+        assert np.allclose(S.reverse_variance(lam, lam_next, v).numpy(), ref, rtol=1e-10)
     # float32 stays finite and positive at the extremes.
     var32 = S.reverse_variance(torch.tensor(-20.0), torch.tensor(20.0), 0.3)
     assert torch.isfinite(var32) and var32 > 0

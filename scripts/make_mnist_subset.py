@@ -1,25 +1,22 @@
-"""Make an mnist-4k-like folder: a class-balanced random subset of MNIST's training split, in the official IDX format.
+"""Make an mnist-4k-like folder: a class-balanced random subset of MNIST's training split.
 
-mnist-4k, the dataset of notebooks 02, 04 and 05 and of the MNIST results in docs/results.md, is 4,000 real
-MNIST training digits, 400 per class, drawn at random from the official training split and stored as the two
-official files train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz. This script makes such a folder from
-the full MNIST download:
+mnist-4k, the dataset of notebooks 02, 04 and 05 and of the MNIST results in docs/results.md,
+is 4,000 real MNIST training digits, 400 per class, drawn at random from the official
+training split and stored as the two official IDX files. This script makes such a folder:
 
-1. the official training files are read with data.load_dataset("mnist", --data-dir), which downloads and
-   checks them when they are missing (60,000 images, about 10 MB);
-2. for each class c = 0..9, --per-class of its images are drawn without replacement by a numpy Generator
-   seeded with --seed, and the chosen images of all classes are put in one random order by the same generator
-   (so the last images of each class, which train.py holds out for the metrics, are a random draw too);
-3. the two files are written into --out in the official IDX format (a big-endian header, then the bytes,
-   gzipped), each first under a temporary name and then renamed, so that a run cut short leaves no
-   half-written file.
+1. it reads the official training files with data.load_dataset("mnist", --data-dir), which
+   downloads and checks them when missing (60,000 images, about 10 MB);
+2. for each class, a numpy Generator seeded with --seed draws --per-class images without
+   replacement, then puts all of them in one random order (so the last images of a class,
+   which train.py holds out for the metrics, are a random draw too);
+3. it writes train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz into --out, each
+   under a temporary name first, then renamed: a run cut short leaves no half-written file.
 
-    python scripts/make_mnist_subset.py --out data/mnist-4k          # downloads MNIST into ./data first
-    python train.py --dataset mnist --data-dir data/mnist-4k          # trains on it
+    python scripts/make_mnist_subset.py --out data/mnist-4k  # downloads MNIST to ./data
+    python train.py --dataset mnist --data-dir data/mnist-4k
 
-The same seed gives the same folder, byte for byte. It is comparable with the project's own copy of mnist-4k,
-not identical to it: the digits are another random draw, so expect figures near those of docs/results.md,
-not equal to them.
+The same seed gives the same folder, byte for byte. It is comparable with the project's own
+mnist-4k, not identical (another random draw): expect figures near those of docs/results.md.
 """
 import argparse
 import gzip
@@ -38,26 +35,28 @@ IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 
 
 def draw(labels, per_class, seed):
-    """Indices of `per_class` images of each class, drawn without replacement, in one random order."""
+    """Indices of `per_class` images of each class, without replacement, in one random order."""
     rng = np.random.default_rng(seed)
     chosen = []
     for c in range(10):
         index = np.flatnonzero(labels == c)
         if len(index) < per_class:
-            raise ValueError(f"class {c} has only {len(index)} images in the source: cannot draw {per_class}")
+            raise ValueError(f"class {c} has only {len(index)} images in the source: "
+                             f"cannot draw {per_class}")
         chosen.append(rng.choice(index, size=per_class, replace=False))
     return rng.permutation(np.concatenate(chosen))
 
 
 def idx_bytes(array):
-    """The official IDX format: 0x00 0x00, 0x08 (unsigned bytes), the number of dimensions, each dimension as a
-    big-endian uint32, then the data in C order; gzipped with a zero timestamp, so equal arrays give equal files."""
+    """The official IDX format: 0x00 0x00, 0x08 (unsigned bytes), the number of dimensions,
+    each dimension as a big-endian uint32, then the data in C order; gzipped with a zero
+    timestamp, so equal arrays give equal files."""
     header = bytes((0, 0, 0x08, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
     return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), mtime=0)
 
 
 def write_atomically(folder, blobs):
-    """Write {file name: bytes} into folder: every file under a temporary name first, then each renamed into place."""
+    """Write {file name: bytes} into folder: each under a temporary name, then renamed."""
     os.makedirs(folder, exist_ok=True)
     umask = os.umask(0)
     os.umask(umask)
@@ -69,7 +68,7 @@ def write_atomically(folder, blobs):
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(temporary[name], 0o666 & ~umask)  # mkstemp makes it private; a data file is not
+            os.chmod(temporary[name], 0o666 & ~umask)  # mkstemp makes it private; data is not
         for name, path in temporary.items():
             os.replace(path, os.path.join(folder, name))
     finally:
@@ -78,7 +77,7 @@ def write_atomically(folder, blobs):
                 os.remove(path)
 
 
-def usage_error(message):  # one line on stderr and exit code 2, as the project's other scripts do
+def usage_error(message):  # one line on stderr and exit code 2, as the other scripts do
     print(f"make_mnist_subset.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -87,22 +86,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = usage_error
     p.add_argument("--out", required=True, help="folder for the two IDX files (created if missing)")
-    p.add_argument("--data-dir", default="./data",
-                   help="where the official MNIST training files are, or are downloaded to (default ./data)")
-    p.add_argument("--per-class", type=int, default=400, help="images per class (default 400: mnist-4k's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator that draws them (default 0)")
+    p.add_argument("--data-dir", default="./data", help="where the official MNIST training "
+                   "files are, or are downloaded to (default ./data)")
+    p.add_argument("--per-class", type=int, default=400,
+                   help="images per class (default 400: mnist-4k's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the numpy Generator that draws them (default 0)")
     args = p.parse_args(argv)
     if args.per_class < 1:
         p.error(f"--per-class must be at least 1 (got {args.per_class})")
     try:
-        images, labels = data.load_dataset("mnist", args.data_dir)  # uint8 (N, 1, 28, 28), int64 (N,)
+        images, labels = data.load_dataset("mnist", args.data_dir)  # (N, 1, 28, 28), (N,)
         chosen = draw(labels.numpy(), args.per_class, args.seed)
     except (data.DataError, ValueError) as e:
         usage_error(e)
     write_atomically(args.out, {IMAGES: idx_bytes(images[chosen, 0].numpy()),  # (n, 28, 28)
-                                LABELS: idx_bytes(labels[chosen].numpy().astype(np.uint8))})  # (n,)
-    print(f"{len(chosen):,} of {len(labels):,} MNIST training digits ({args.per_class} per class, seed {args.seed}) "
-          f"-> {os.path.join(args.out, IMAGES)}, {os.path.join(args.out, LABELS)}")
+                                LABELS: idx_bytes(labels[chosen].numpy().astype(np.uint8))})
+    print(f"{len(chosen):,} of {len(labels):,} MNIST training digits ({args.per_class} per "
+          f"class, seed {args.seed}) -> {os.path.join(args.out, IMAGES)}, "
+          f"{os.path.join(args.out, LABELS)}")
 
 
 if __name__ == "__main__":

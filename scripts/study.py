@@ -1,20 +1,22 @@
 """The studies behind notebooks 02 to 06: sample.py runs, cached as npz files, scored by metrics.py.
 
-A study is a set of named cells; a cell is one `sample.py` command line (a checkpoint, a sampler, a guidance
-rule, the w values). Its images go to <out>/<name>.npz, with the command, the wall seconds and the threads in
-<name>.json beside it, and are reused while the command and the files it reads (its checkpoints, by SHA-256) are
-unchanged: a notebook re-executes without re-sampling, a retrained checkpoint is sampled again, and the cells can
-be drawn in parallel processes beforehand (one thread each), from notebooks/ with the notebook's paths (the command
-is compared as written, paths included):
+A study is a set of named cells; a cell is one `sample.py` command line (checkpoint, sampler,
+guidance rule, w values). Its images go to <out>/<name>.npz, with the command, wall seconds and
+threads in <name>.json. The cache is reused while the command (compared as written, paths
+included) and the files it reads (checkpoints, by SHA-256) are unchanged, so a notebook
+re-executes without re-sampling and a retrained checkpoint is sampled again. The cells can be
+drawn beforehand in parallel processes, one thread each, from notebooks/ with its paths:
 
     cd notebooks
-    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 0/2 &
-    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt --out ../out/studies/02-mnist --part 1/2
+    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt \\
+        --out ../out/studies/02-mnist --part 0/2 &
+    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt \\
+        --out ../out/studies/02-mnist --part 1/2
 
-Every cell of a study uses sample.py's noise: image (class c, index j) starts from the noise of seed (0, c, j)
-whatever the w or the rule, so the settings are compared on the same noise. `Scorer` scores images with the
-project's metrics classifier against held-out real images (metrics.load_splits) and gives the real-data floor
-at the same count.
+Every cell uses sample.py's noise: image (class c, index j) starts from the noise of seed
+(0, c, j) whatever the w or rule, so settings are compared on the same noise. `Scorer` scores
+images with the project's metrics classifier against held-out real images
+(metrics.load_splits) and gives the real-data floor at the same count.
 """
 import argparse
 import hashlib
@@ -34,12 +36,12 @@ import metrics  # noqa: E402
 from sample import FAST_SAMPLER  # noqa: E402
 
 OUT = os.path.join(REPO, "out", "studies")
-QUICK = os.environ.get("CFG_QUICK") == "1"  # CI: a few images and steps, only to exercise the code
+QUICK = os.environ.get("CFG_QUICK") == "1"  # CI: a few images and steps, to exercise the code
 
 
 def load_cell(npz):
-    """(images, labels, w) of a cell; w in float64, rounded to 6 decimals (the npz keeps float32), so that
-    `ws == 0.1` selects the images of w = 0.1."""
+    """(images, labels, w) of a cell; w in float64 rounded to 6 decimals (the npz keeps
+    float32), so that `ws == 0.1` selects the images of w = 0.1."""
     images, labels, ws = metrics.load_samples_npz(npz)
     return images, labels, torch.round(ws.double() * 1e6) / 1e6
 
@@ -58,11 +60,12 @@ def input_files(argv):
 
 
 def run_cell(name, argv, out_dir=OUT):
-    """The images of `python sample.py *argv`: (images uint8 (N, C, H, W), labels (N,), w (N,) float64), from
-    <out_dir>/<name>.npz when that was written by the same command from the same files, else sampled now (and
-    cached)."""
+    """The images of `python sample.py *argv`: (images uint8 (N, C, H, W), labels (N,),
+    w (N,) float64), from <out_dir>/<name>.npz when the same command wrote it from the same
+    files, else sampled now (and cached)."""
     os.makedirs(out_dir, exist_ok=True)
-    npz, info_path = os.path.join(out_dir, f"{name}.npz"), os.path.join(out_dir, f"{name}.json")
+    npz = os.path.join(out_dir, f"{name}.npz")
+    info_path = os.path.join(out_dir, f"{name}.json")
     argv = [str(a) for a in argv]
     inputs = input_files(argv)
     if os.path.exists(info_path) and os.path.exists(npz):
@@ -71,12 +74,13 @@ def run_cell(name, argv, out_dir=OUT):
         if info["argv"] == argv and info.get("inputs") == inputs:
             return load_cell(npz)
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *argv, "--npz", npz,
-                          "--out", os.path.join(out_dir, f"{name}.png")], capture_output=True, text=True)
+    png = os.path.join(out_dir, f"{name}.png")
+    cmd = [sys.executable, os.path.join(REPO, "sample.py"), *argv, "--npz", npz, "--out", png]
+    run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"sample.py {' '.join(argv)} failed: {run.stderr.strip()}")
-    info = dict(argv=argv, inputs=inputs, seconds=time.perf_counter() - start,
-                threads=int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads())
+    threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
+    info = dict(argv=argv, inputs=inputs, seconds=time.perf_counter() - start, threads=threads)
     with open(f"{info_path}.tmp", "w") as f:
         json.dump(info, f)
     os.replace(f"{info_path}.tmp", info_path)
@@ -91,10 +95,11 @@ def cell_seconds(name, out_dir=OUT):
 
 
 class Scorer:
-    """FID / IS / class accuracy by the project's metrics classifier, against held-out real images."""
+    """FID / IS / class accuracy by the project's metrics classifier, against held-out reals."""
 
     def __init__(self, dataset, data_dir, classifier=None, holdout=None):
-        self.clf = metrics.load_classifier(classifier or metrics.default_classifier_path(dataset))
+        path = classifier or metrics.default_classifier_path(dataset)
+        self.clf = metrics.load_classifier(path)
         self.splits = metrics.load_splits(dataset, data_dir, holdout)
         (ref_x, _), self.floor_pool = metrics.reference_and_floor(*self.splits["held"])
         self.ref_feats = metrics.classifier_features(self.clf, ref_x)
@@ -108,23 +113,24 @@ class Scorer:
 
     def score_per_w(self, images, labels, ws):
         """{w: metrics} for each distinct w of a cell."""
-        return {w: self.score(images[ws == w], labels[ws == w]) for w in torch.unique(ws).tolist()}
+        return {w: self.score(images[ws == w], labels[ws == w])
+                for w in torch.unique(ws).tolist()}
 
 
 def _crossing(a, b, accuracy):
-    """The point between a and b (metrics dicts) at `accuracy`: FID linear in log FID against accuracy; the NFE of
-    the end that reaches it."""
+    """The point between a and b (metrics dicts) at `accuracy`, log FID linear in accuracy;
+    the NFE of the end that reaches it."""
     t = (accuracy - a["accuracy"]) / (b["accuracy"] - a["accuracy"])
-    return (math.exp((1 - t) * math.log(a["fid"]) + t * math.log(b["fid"])),
-            (b if b["accuracy"] >= accuracy else a)["nfe"])
+    fid = math.exp((1 - t) * math.log(a["fid"]) + t * math.log(b["fid"]))
+    return fid, (b if b["accuracy"] >= accuracy else a)["nfe"]
 
 
 def fid_at_accuracy(points, accuracy):
     """(FID, NFE/step) where a curve first reaches a class accuracy, or None if it never does.
 
-    points: the curve's metrics dicts (with "fid", "accuracy", "nfe") in order of strength. Between the two points
-    that bracket `accuracy`, FID is interpolated linearly in log FID against accuracy, and the NFE is the upper
-    point's; a curve whose first point already reaches `accuracy` gives that point."""
+    points: the curve's metrics dicts ("fid", "accuracy", "nfe") in order of strength.
+    Between the two points that bracket `accuracy`, log FID is linear in accuracy and the NFE
+    is the upper point's; a curve whose first point already reaches it gives that point."""
     seq = list(points)
     if seq and seq[0]["accuracy"] >= accuracy:
         return seq[0]["fid"], seq[0]["nfe"]
@@ -135,36 +141,42 @@ def fid_at_accuracy(points, accuracy):
 
 
 def lowest_fid_at_accuracy(points, accuracy):
-    """(FID, NFE/step): the lowest FID a curve gives at a class accuracy of at least `accuracy` (its points that
-    reach it, and where it crosses it between two points, interpolated as fid_at_accuracy does), or None. The
-    same as fid_at_accuracy on a curve whose FID rises with accuracy; lower on one that reaches the accuracy at
-    its first point and falls back towards it (a user who wants that accuracy picks the best strength)."""
+    """(FID, NFE/step): the lowest FID a curve gives at a class accuracy of at least
+    `accuracy` (its points that reach it, and its crossings interpolated as fid_at_accuracy
+    does), or None. Equal to fid_at_accuracy on a curve whose FID rises with accuracy; lower
+    on one that starts above the accuracy and falls back towards it (a user who wants that
+    accuracy picks the best strength)."""
     seq = list(points)
     found = [(p["fid"], p["nfe"]) for p in seq if p["accuracy"] >= accuracy]
-    found += [_crossing(a, b, accuracy) for a, b in zip(seq, seq[1:])
-              if min(a["accuracy"], b["accuracy"]) < accuracy <= max(a["accuracy"], b["accuracy"])]
+    for a, b in zip(seq, seq[1:]):
+        low, high = sorted((a["accuracy"], b["accuracy"]))
+        if low < accuracy <= high:
+            found.append(_crossing(a, b, accuracy))
     return min(found, default=None)
 
 
 def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
     """The sample.py arguments every cell of a study shares."""
-    return ["--ckpt", ckpt, "--n-per-class", n_per_class, "--sampler", sampler, "--batch-size", 250,
-            *(["--steps", steps] if steps else [])]
+    return ["--ckpt", ckpt, "--n-per-class", n_per_class, "--sampler", sampler,
+            "--batch-size", 250, *(["--steps", steps] if steps else [])]
 
 
 W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebooks 02 and 06
 
 
-def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True, grid=W_GRID, reverse=(-1, -2, -3)):
-    """notebook 02: CFG over the w grid (in two cells, cfg-a and cfg-b, for two processes) and reverse guidance
-    with the fast sampler; with `check`, w = 0 with the paper's ancestral sampler at T = 256; and for each
-    (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
+def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True, grid=W_GRID,
+            reverse=(-1, -2, -3)):
+    """notebook 02: CFG over the w grid (two cells, cfg-a and cfg-b, for two processes) and
+    reverse guidance, with the fast sampler; with `check`, w = 0 with the paper's ancestral
+    sampler at T = 256; for each (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
     half = (len(grid) + 1) // 2
-    cells = {"cfg-a": [*common(ckpt, n_per_class, steps), "--w", *grid[:half]],
-             "cfg-b": [*common(ckpt, n_per_class, steps), "--w", *grid[half:]],
-             "reverse": [*common(ckpt, n_per_class, steps), "--w", *reverse]}
+    base = common(ckpt, n_per_class, steps)
+    cells = {"cfg-a": [*base, "--w", *grid[:half]],
+             "cfg-b": [*base, "--w", *grid[half:]],
+             "reverse": [*base, "--w", *reverse]}
     if check:
-        cells["ancestral256"] = [*common(ckpt, n_per_class, 4 if QUICK else 256, "ancestral"), "--w", 0]
+        steps_256 = 4 if QUICK else 256
+        cells["ancestral256"] = [*common(ckpt, n_per_class, steps_256, "ancestral"), "--w", 0]
     for p, path in ablation:
         cells[f"p{p}"] = [*common(path, n_per_class, steps), "--w", 0, 1, 3]
     return cells
@@ -176,27 +188,29 @@ W_HIGH_03 = [6, 8]  # past the grid: the CPU model's FID still falls at w = 4
 
 
 def plan_03(ckpt, n_per_class, steps=None, ablation=(), check=True):
-    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w, and the grid's continuation
-    to larger w (cell cfg-high)."""
+    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w, and
+    the grid's continuation to larger w (cell cfg-high)."""
     cells = plan_02(ckpt, n_per_class, steps, ablation, check, W_GRID_03, W_REVERSE_03)
     return {**cells, "cfg-high": [*common(ckpt, n_per_class, steps), "--w", *W_HIGH_03]}
 
 
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
-    """notebook 04: classifier guidance over the w sweep, and CFG at the w that notebook 02's grid lacks (its
-    cells cfg-a and cfg-b give CFG at w = 0, 0.5, 1, 2, 3, 4 on the same checkpoint and noise)."""
+    """notebook 04: classifier guidance over the w sweep, and CFG at the w that notebook 02's
+    grid lacks (its cells cfg-a, cfg-b give CFG at w = 0, 0.5, 1, 2, 3, 4 on the same
+    checkpoint and noise)."""
+    base = common(ckpt, n_per_class, steps)
     guide = ["--guidance", "classifier", "--guide-ckpt", classifier_ckpt]
-    return {"cfg-w6": [*common(ckpt, n_per_class, steps), "--w", 6],
-            "classifier-a": [*common(ckpt, n_per_class, steps), *guide, "--w", 0, 0.5, 1, 2],
-            "classifier-b": [*common(ckpt, n_per_class, steps), *guide, "--w", 3, 4, 6]}
+    return {"cfg-w6": [*base, "--w", 6],
+            "classifier-a": [*base, *guide, "--w", 0, 0.5, 1, 2],
+            "classifier-b": [*base, *guide, "--w", 3, 4, 6]}
 
 
-# notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w (edges between the fast sampler's λ steps)
+# notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w
+# (edges between the fast sampler's λ steps); quick (CI): 3 cells
 MAP_W = 2
-MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4, 8, 20))  # quick (CI): 3 cells
+MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4, 8, 20))
 
-
-CFGPP_W = (-0.8, -0.6, -0.4, -0.2)  # CFG++'s scales γ = 1 + w = 0.2, 0.4, 0.6, 0.8 across its range [0, 1]
+CFGPP_W = (-0.8, -0.6, -0.4, -0.2)  # CFG++'s γ = 1 + w = 0.2 … 0.8 across its range [0, 1]
 
 
 def interval_rule(lo, hi):
@@ -205,26 +219,30 @@ def interval_rule(lo, hi):
 
 
 def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
-    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and the same noise.
+    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and noise.
 
-    - the interval rule at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is CFG itself: notebook 02's
-      cell cfg-b); with `interval`, that interval over a sweep of w;
-    - autoguidance with each bad model of `guide_ckpts` ({name: path}), w = 0.5 … 3 (the worst one, name "602",
-      the step-602 checkpoint: w = 0.5 and 1);
-    - CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no momentum) and dynamic
-      thresholding over a sweep of w;
+    - the interval rule at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is
+      CFG itself: notebook 02's cell cfg-b); with `interval`, that interval over a w sweep;
+    - autoguidance with each bad model of `guide_ckpts` ({name: path}), w = 0.5 … 3 (the
+      worst, name "602", the step-602 checkpoint: w = 0.5 and 1);
+    - CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no
+      momentum) and dynamic thresholding over a w sweep;
     - CFG++ over its γ = 1 + w with the DDIM step, beside CFG with the same DDIM step."""
-    base, ddim = common(ckpt, n_per_class, steps), common(ckpt, n_per_class, steps or 24, "ddim")
+    base = common(ckpt, n_per_class, steps)
+    ddim = common(ckpt, n_per_class, steps or 24, "ddim")
     cells = {f"interval{lo:+d}{hi:+d}": [*base, *interval_rule(lo, hi), "--w", MAP_W]
-             for lo in MAP_LO for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
+             for lo in MAP_LO for hi in MAP_HI
+             if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
     if interval is not None:
         cells["interval-sweep"] = [*base, *interval_rule(*interval), "--w", 0.5, 1, 3, 4]
     for name, path in guide_ckpts.items():
+        ws = [0.5, 1] if name == "602" else [0.5, 1, 2, 3]
         cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
-                                 "--w", *([0.5, 1] if name == "602" else [0.5, 1, 2, 3])]
+                                 "--w", *ws]
     cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
     cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
-    cells["apg-projection"] = [*base, "--guidance", "apg", "-p", "r=inf", "beta=0", "--w", 1, 2, 4]
+    cells["apg-projection"] = [*base, "--guidance", "apg", "-p", "r=inf", "beta=0",
+                               "--w", 1, 2, 4]
     cells["dthresh"] = [*base, "--clip", 0.995, "--w", 1, 2, 4]
     cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
     cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--w", *CFGPP_W]
@@ -232,19 +250,21 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
 
 
 def plan_06(cfg_ckpt, gft_ckpt, n_per_class, steps=None):
-    """notebook 06: the guidance-free model (train.py --guidance-free) over CFG's w grid at one evaluation per step,
-    and both models again from a second noise set (--seed 1: image (c, j) starts from the noise of seed (1, c, j)),
-    the guidance-free one over the whole grid, the CFG one up to w = 1, where the matched accuracies lie. CFG's
-    first noise set is notebook 02's cells cfg-a and cfg-b (seed 0)."""
+    """notebook 06: the guidance-free model (train.py --guidance-free) over CFG's w grid at
+    one evaluation per step, and both models from a second noise set (--seed 1: image (c, j)
+    starts from the noise of seed (1, c, j)): the guidance-free one over the whole grid, the
+    CFG one up to w = 1, where the matched accuracies lie. CFG's first noise set is
+    notebook 02's cells cfg-a and cfg-b (seed 0)."""
     gft = [*common(gft_ckpt, n_per_class, steps), "--guidance", "guidance-free"]
+    cfg = common(cfg_ckpt, n_per_class, steps)
     return {"gft-a": [*gft, "--w", *W_GRID[:5]],
             "gft-b": [*gft, "--w", *W_GRID[5:]],
             "gft-seed1": [*gft, "--seed", 1, "--w", *W_GRID],
-            "cfg-seed1": [*common(cfg_ckpt, n_per_class, steps), "--seed", 1, "--w", *W_GRID[:6]]}
+            "cfg-seed1": [*cfg, "--seed", 1, "--w", *W_GRID[:6]]}
 
 
 def number(text):
-    """A command-line number as the notebooks write it (-4, not -4.0): the cells' commands are their cache keys."""
+    """A number as the notebooks write it (-4, not -4.0): a cell's command is its cache key."""
     value = float(text)
     return int(value) if value.is_integer() else value
 
@@ -254,21 +274,29 @@ def main():
     p.add_argument("study", choices=["02", "03", "04", "05", "06"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
-    p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT", help="02, 03: p_uncond ablation checkpoints")
-    p.add_argument("--classifier-ckpt", help="04: the noise-conditional classifier (classifier.py)")
-    p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT", help="05: autoguidance's bad models")
-    p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py --guidance-free); --ckpt: the CFG one")
-    p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"), help="05: the interval for its w sweep")
-    p.add_argument("--no-check", action="store_true", help="02, 03: without the T = 256 ancestral cell")
+    p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
+                   help="02, 03: p_uncond ablation checkpoints")
+    p.add_argument("--classifier-ckpt",
+                   help="04: the noise-conditional classifier (classifier.py)")
+    p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT",
+                   help="05: autoguidance's bad models")
+    p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py "
+                   "--guidance-free); --ckpt: the CFG one")
+    p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"),
+                   help="05: the interval for its w sweep")
+    p.add_argument("--no-check", action="store_true",
+                   help="02, 03: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
-    p.add_argument("--out", required=True, help="the notebook's cell folder, e.g. out/studies/02-mnist")
-    p.add_argument("--part", default="0/1", help="i/n: draw every n-th cell from the i-th (parallel processes)")
+    p.add_argument("--out", required=True,
+                   help="the notebook's cell folder, e.g. out/studies/02-mnist")
+    p.add_argument("--part", default="0/1",
+                   help="i/n: draw every n-th cell from the i-th (parallel processes)")
     args = p.parse_args()
     i, n = map(int, args.part.split("/"))
     ablation = [tuple(item.split("=", 1)) for item in args.ablation]
     if args.study in ("02", "03"):
-        cells = (plan_02 if args.study == "02" else plan_03)(args.ckpt, args.n_per_class, ablation=ablation,
-                                                               check=not args.no_check)
+        plan = plan_02 if args.study == "02" else plan_03
+        cells = plan(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
     elif args.study == "04":
         cells = plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class)
     elif args.study == "06":
@@ -276,8 +304,8 @@ def main():
             p.error("study 06 needs --gft-ckpt, the guidance-free model")
         cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
     else:
-        cells = plan_05(args.ckpt, dict(item.split("=", 1) for item in args.guide_ckpt), args.n_per_class,
-                        interval=args.interval)
+        guides = dict(item.split("=", 1) for item in args.guide_ckpt)
+        cells = plan_05(args.ckpt, guides, args.n_per_class, interval=args.interval)
     for name in [c for c in cells if args.cells is None or c in args.cells][i::n]:
         start = time.perf_counter()
         run_cell(name, cells[name], args.out)

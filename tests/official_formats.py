@@ -17,8 +17,10 @@ import numpy as np
 
 
 def idx_gz(array):
-    """IDX: magic 0x00 0x00 0x08 (unsigned byte) ndim, then each dimension as big-endian uint32, then the bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    """IDX: magic 0x00 0x00 0x08 (unsigned byte) ndim, each dimension as big-endian uint32,
+    then the bytes."""
+    magic = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header = magic + struct.pack(f">{array.ndim}I", *array.shape)
     return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
@@ -33,12 +35,15 @@ def py2_int(i):
 
 
 def py2_cifar_batch(batch_label, labels, rows, filenames):
-    """The protocol-2 pickle Python 2's cPickle writes for {'batch_label', 'labels', 'data', 'filenames'}."""
+    """The protocol-2 pickle Python 2's cPickle writes for
+    {'batch_label', 'labels', 'data', 'filenames'}."""
     n, d = rows.shape
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + py2_int(0) + b"\x85" + py2_str(b"b")
-             + b"\x87R(" + py2_int(1) + py2_int(n) + py2_int(d) + b"\x86"  # state: version, shape,
-             + b"cnumpy\ndtype\n" + py2_str(b"u1") + py2_int(0) + py2_int(1) + b"\x87R"  # dtype uint8,
-             + b"(" + py2_int(3) + py2_str(b"|") + b"NNN" + py2_int(-1) + py2_int(-1) + py2_int(0) + b"tb"
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+             + py2_int(0) + b"\x85" + py2_str(b"b") + b"\x87R("
+             + py2_int(1) + py2_int(n) + py2_int(d) + b"\x86"  # state: version, shape,
+             + b"cnumpy\ndtype\n" + py2_str(b"u1") + py2_int(0) + py2_int(1) + b"\x87R"  # uint8,
+             + b"(" + py2_int(3) + py2_str(b"|") + b"NNN"
+             + py2_int(-1) + py2_int(-1) + py2_int(0) + b"tb"
              + b"\x89" + py2_str(rows.tobytes()) + b"tb")  # C order, raw bytes
     items = [(b"batch_label", py2_str(batch_label)),
              (b"labels", b"](" + b"".join(py2_int(int(y)) for y in labels) + b"e"),
@@ -48,8 +53,10 @@ def py2_cifar_batch(batch_label, labels, rows, filenames):
 
 
 def cifar_rows(images):
-    """(N, 3, 32, 32) -> (N, 3072) rows as the CIFAR-10 page describes: 1024 red, 1024 green, 1024 blue."""
-    return np.stack([np.concatenate([img[0].ravel(), img[1].ravel(), img[2].ravel()]) for img in images])
+    """(N, 3, 32, 32) -> (N, 3072) rows as the CIFAR-10 page describes: 1024 red, 1024 green,
+    1024 blue."""
+    return np.stack([np.concatenate([img[0].ravel(), img[1].ravel(), img[2].ravel()])
+                     for img in images])
 
 
 def cifar_tar_gz(batches):

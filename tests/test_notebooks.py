@@ -1,18 +1,22 @@
-"""Execute every notebook in quick mode (CFG_QUICK=1: small settings, seconds each), so a change
-to a .py file that breaks a notebook fails the test suite. The committed notebooks keep the
-outputs of their real runs; this executes copies in memory and writes nothing.
+"""Execute every notebook in quick mode (CFG_QUICK=1: small settings) and check what it computed,
+so a change to a .py file that breaks a notebook fails the suite. The committed notebooks keep
+the outputs of their real runs; this executes copies in memory and writes nothing.
 
-Notebooks 02, 04 and 05 train on mnist-4k (4,000 real MNIST digits). They read it from the folder
-named by CFG_DATA_DIR, else from ../shared/data/mnist-4k beside the checkout, where CI keeps it; with
-neither, their tests are skipped and say so. `python scripts/make_mnist_subset.py --out DIR` makes a
-comparable folder from the official MNIST download; `CFG_DATA_DIR=DIR python -m pytest ...` then runs them.
+Each executed notebook must show no error, an image for every cell that draws at top level,
+and sane values: after its last cell a probe cell prints, as JSON, the numbers the notebook
+computed (closed-form identities, metrics, grids), which the checks below read.
 
-The committed notebooks must show what they draw: every code cell that makes a figure (plt.subplots,
-plt.figure, plt.show, display(Image(...))) has an image among its saved outputs. Execute a notebook for
-commit with the inline backend (`jupyter nbconvert --to notebook --execute --inplace`, MPLBACKEND unset): the
-Agg backend draws figures without keeping them."""
+Notebooks 02, 04, 05 and 06 train on mnist-4k (4,000 real MNIST digits), read from
+CFG_DATA_DIR, else from ../shared/data/mnist-4k beside the checkout (CI keeps it there); with
+neither, their tests are skipped and say so. `python scripts/make_mnist_subset.py --out DIR`
+makes a comparable folder; `CFG_DATA_DIR=DIR python -m pytest ...` then runs them.
+
+The committed notebooks must show what they draw: a code cell that makes a figure has an image
+among its saved outputs. Execute a notebook for commit with the inline backend (`jupyter
+nbconvert --to notebook --execute --inplace`, MPLBACKEND unset): Agg keeps no figures."""
 import glob
 import json
+import math
 import os
 import re
 
@@ -22,41 +26,189 @@ from conftest import shared_data
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
-# Notebooks that cannot run without mnist-4k. Notebook 02 also uses Fashion-MNIST where it finds it
-# (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode where it does not;
-# notebook 06 uses it outside quick mode only.
-NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb", "05_guidance_family.ipynb",
-                  "06_guidance_free.ipynb"}
-# Notebooks that read ../shared/data outside quick mode only: in quick mode they write small image files of
-# their own (notebook 03: a synthetic CIFAR-10 image folder), so they run in a fresh clone.
+# Notebooks that cannot run without mnist-4k. Notebook 02 also uses Fashion-MNIST where it
+# finds it (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode
+# where it does not; notebook 06 uses it outside quick mode only.
+NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb",
+                  "05_guidance_family.ipynb", "06_guidance_free.ipynb"}
+# Notebooks that read ../shared/data outside quick mode only: in quick mode they write small
+# image files of their own (03: a synthetic CIFAR-10 folder), so they run in a fresh clone.
 OWN_QUICK_DATA = {"03_cifar10_tradeoff.ipynb"}
 
 DRAWS = re.compile(r"plt\.subplots\(|plt\.figure\(|plt\.show\(|display\(Image\(")
+# A drawing call on an unindented line: it runs whenever the cell does (an indented one may
+# sit under a condition, as notebook 04's figure of the samples that fool p_φ).
+DRAWS_ALWAYS = re.compile(r"^(?:\S.*)?(?:" + DRAWS.pattern + ")", re.M)
+
+# The probe: the notebook's own values, as JSON, from its kernel after its last cell.
+PROBE = '''import json
+def _metrics(obj):  # every metrics dict (FID, IS, accuracy) inside obj
+    if isinstance(obj, dict) and {"fid", "is", "accuracy"} <= set(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [m for v in obj for m in _metrics(v)] if isinstance(obj, (list, tuple)) else []
+print(json.dumps(%s, default=float))'''
+
+PROBES = {
+    "00_walkthrough.ipynb": """dict(
+        unit=(alpha**2 + sigma**2 - 1).abs().max().item(),
+        density=(density_sech - density_autograd).abs().max().item(),
+        ks=[scipy.stats.kstest(d.double().numpy(), cdfs[k]).pvalue for k, d in draws.items()],
+        drop_rate=drop_rate.item(), losses=losses, real_accuracy=real_accuracy,
+        samples=[x_samples.min().item(), x_samples.max().item()],
+        measured=[row for rows in measured.values() for row in rows])""",
+    "01_implicit_classifier.ipynb": """dict(
+        identity=relative.max(), losses=losses,
+        curl=max(e.abs().max().item() for e, _ in curl_maps.values()),
+        mean_error=[(samples[0.0][labels == c].mean(0) - (log_pi.exp()[comp_class == c, None]
+                     * comp_mean[comp_class == c]).sum(0)).abs().max().item()
+                    for c in range(NUM_CLASSES)],
+        finite=[x.isfinite().all().item() for x in samples.values()])""",
+    "02_mnist_tradeoff.ipynb": """dict(
+        metrics=_metrics(studies), expected=sorted(W_GRID + W_REVERSE),
+        grids=[sorted(fast(d)) for d in DATA], n=10 * N_PER_CLASS,
+        counts=[len(fast_images(d, w)[1]) for d in DATA for w in W_GRID + W_REVERSE])""",
+    "03_cifar10_tradeoff.ipynb": """dict(
+        metrics=_metrics([cells, floor]), expected=sorted(W_GRID + W_REVERSE),
+        grids=[sorted(fast)], n=10 * N_PER_CLASS,
+        counts=[len(fast_images(w)[1]) for w in W_GRID + W_REVERSE],
+        gpu_check=report["stages"]["cifar10"]["status"])""",
+    "04_classifier_guidance.ipynb": """dict(
+        metrics=_metrics([results, floor]), expected=sorted(W),
+        grids=[sorted(r) for r in results.values()], seconds=[unguided, *cost.values()])""",
+    "05_guidance_family.ipynb": """dict(
+        metrics=_metrics([results, interval_map, floor]),
+        points=[len(pts) for pts in results.values()],
+        nfe=[r["nfe"] for pts in results.values() for r in pts.values()],
+        intervals=len(interval_map), chosen=CHOSEN in interval_map,
+        map=len([1 for lo in study.MAP_LO for hi in study.MAP_HI if lo < hi]),
+        headline=[h for hs in headline.values() for h in hs if h])""",
+    "06_guidance_free.ipynb": """dict(
+        metrics=_metrics(res),
+        grids={f"{m} {s}": sorted(c) for (m, s), c in res["mnist"]["curves"].items()},
+        size=[(d.norm(dim=1) / at_one.norm(dim=1)).mean().item() for d in diffs.values()],
+        expected=sorted(W), cos=list(cos.values()))""",
+}
+
+
+def assert_metrics(found):
+    """Metrics dicts a notebook computed: some, each FID >= 0, IS in [1, 10], accuracy in [0, 1]."""
+    assert found, "the notebook computed no metrics: the checks would pass on anything"
+    for m in found:  # NaN fails every comparison
+        assert m["fid"] >= 0 and 1 - 1e-6 <= m["is"] <= 10 + 1e-6, m
+        assert 0 <= m["accuracy"] <= 1, m
+
+
+def assert_finite(values):
+    assert all(math.isfinite(v) for v in values), values
+
+
+def check_00(v):
+    assert v["unit"] < 1e-12  # α_λ² + σ_λ² = 1 in float64
+    assert v["density"] < 1e-12  # the closed-form p(λ) against autograd's |du/dλ|
+    assert min(v["ks"]) > 1e-3  # train.sample_logsnr's λ follow the closed-form CDFs
+    assert abs(v["drop_rate"] - 0.1) < 0.005  # p_uncond = 0.1; 5 standard deviations
+    assert_finite(v["losses"])
+    assert -1 <= v["samples"][0] and v["samples"][1] <= 1  # samples in the data range
+    assert v["real_accuracy"] > 0.85  # logistic regression on real 8×8 digits
+    for w, accuracy, spread in v["measured"]:
+        assert 0 <= accuracy <= 1 and 0 <= spread < math.inf
+
+
+def check_01(v):
+    assert v["identity"] < 1e-10  # ∇ log p(c|z) = −(ε*(z, c) − ε*(z)) / σ
+    assert v["curl"] < 1e-10  # exact ε̃ is a gradient field: its curl is round-off
+    # w = 0 with the exact ε*: each class mean within about 3 standard errors of p(x|c)'s
+    assert max(v["mean_error"]) < 0.15, v["mean_error"]
+    assert all(v["finite"])
+    losses = v["losses"]
+    assert_finite(losses)
+    assert sum(losses[-20:]) < 0.75 * sum(losses[:20])  # Algorithm 1 fits the toy network
+
+
+def check_grid(v):  # notebooks 02, 03: every w scored, each from the same number of images
+    assert_metrics(v["metrics"])
+    assert all(grid == v["expected"] for grid in v["grids"]), v["grids"]
+    assert v["counts"] and set(v["counts"]) == {v["n"]}, v["counts"]
+
+
+def check_03(v):
+    check_grid(v)
+    assert v["gpu_check"] == "ok"  # the GPU stage's dry run on this CPU
+
+
+def check_04(v):
+    assert_metrics(v["metrics"])
+    assert v["grids"] == [v["expected"]] * 2  # CFG and classifier guidance, every w
+    assert all(0 < s < math.inf for s in v["seconds"])
+
+
+def check_05(v):
+    assert_metrics(v["metrics"])
+    assert min(v["points"]) >= 3  # every rule over several strengths
+    assert all(1 <= nfe <= 2 for nfe in v["nfe"]), v["nfe"]
+    assert v["intervals"] == v["map"] and v["chosen"]  # the whole interval map, and its pick
+    for fid, nfe in v["headline"]:
+        assert 0 <= fid < math.inf and 1 <= nfe <= 2
+
+
+def check_06(v):
+    assert_metrics(v["metrics"])
+    w = v["expected"]  # the second noise set: CFG up to w = 1
+    assert v["grids"] == {"CFG 0": w, "GFT 0": w, "CFG 1": w[:6], "GFT 1": w}, v["grids"]
+    assert_finite(v["size"] + v["cos"])
+    assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in v["cos"])
+
+
+CHECKS = {"00_walkthrough.ipynb": check_00, "01_implicit_classifier.ipynb": check_01,
+          "02_mnist_tradeoff.ipynb": check_grid, "03_cifar10_tradeoff.ipynb": check_03,
+          "04_classifier_guidance.ipynb": check_04, "05_guidance_family.ipynb": check_05,
+          "06_guidance_free.ipynb": check_06}
 
 
 def code_cells(path):
     with open(path, encoding="utf-8") as f:
-        return "\n".join("".join(cell["source"]) for cell in json.load(f)["cells"] if cell["cell_type"] == "code")
+        cells = json.load(f)["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 
+def images(cell):
+    return sum("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_in_quick_mode(path, monkeypatch):
-    if os.path.basename(path) in NEEDS_MNIST_4K:
-        data_dir = os.environ.get("CFG_DATA_DIR") or shared_data(
-            "mnist-4k", hint="make a comparable folder with scripts/make_mnist_subset.py and set CFG_DATA_DIR to it")
-        monkeypatch.setenv("CFG_DATA_DIR", os.path.abspath(data_dir))  # the kernel runs in notebooks/
+    name = os.path.basename(path)
+    if name in NEEDS_MNIST_4K:
+        hint = "make a comparable folder with scripts/make_mnist_subset.py; set CFG_DATA_DIR to it"
+        data_dir = os.environ.get("CFG_DATA_DIR") or shared_data("mnist-4k", hint=hint)
+        # the kernel runs in notebooks/
+        monkeypatch.setenv("CFG_DATA_DIR", os.path.abspath(data_dir))
     monkeypatch.setenv("CFG_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the inline backend, as for commit: each figure shown becomes an image output
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE % PROBES[name]))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": NOTEBOOK_DIR}})
     client.execute()
+    *cells, probe = [c for c in nb.cells if c.cell_type == "code"]
+    errors = [i for i, c in enumerate(cells) if any(o.output_type == "error" for o in c.outputs)]
+    assert not errors, f"code cells {errors} show an error"
+    bare = [i for i, c in enumerate(cells) if DRAWS_ALWAYS.search(c.source) and not images(c)]
+    assert not bare, f"code cells {bare} (counted among code cells) draw but show no image"
+    text = "".join(o.text for o in probe.outputs if o.get("name") == "stdout")
+    CHECKS[name](json.loads(text))
 
 
 def test_every_notebook_that_reads_shared_data_is_skipped_without_it():
-    """A notebook whose code reads ../shared/data must be listed above, or a fresh clone fails instead of skipping."""
+    """A notebook whose code reads ../shared/data must be listed above, or a fresh clone fails
+    instead of skipping."""
     readers = {os.path.basename(p) for p in NOTEBOOKS if "shared/data" in code_cells(p)}
     assert readers, "no notebook reads ../shared/data: the check below would pass on anything"
     unguarded = readers - NEEDS_MNIST_4K - OWN_QUICK_DATA
@@ -69,5 +221,6 @@ def test_every_figure_a_notebook_draws_is_in_its_committed_outputs(path):
         cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
     drawing = [i for i, c in enumerate(cells) if DRAWS.search("".join(c["source"]))]
     assert drawing, "no cell draws a figure: the check would pass on anything"
-    bare = [i for i in drawing if not any("image/png" in out.get("data", {}) for out in cells[i].get("outputs", []))]
-    assert not bare, f"code cells {bare} (counted among code cells) draw a figure but their saved outputs hold none"
+    bare = [i for i in drawing if not images(cells[i])]
+    assert not bare, (f"code cells {bare} (counted among code cells) draw a figure but their "
+                      "saved outputs hold none")

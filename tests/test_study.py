@@ -1,4 +1,4 @@
-"""scripts/study.py's pieces that the notebooks' headlines rest on, against values worked out by hand."""
+"""scripts/study.py's pieces that the notebooks' headlines rest on, against hand-worked values."""
 import hashlib
 import json
 import math
@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 import study  # noqa: E402
 
 
@@ -23,7 +24,8 @@ def test_fid_at_accuracy_interpolates_log_fid_between_the_bracketing_points():
     fid, nfe = study.fid_at_accuracy(curve, 0.98)
     assert fid == pytest.approx(60.0, rel=1e-12) and nfe == 2.0
     # a quarter of the way from 0.95 to 0.97: 30^(3/4) 40^(1/4)
-    assert study.fid_at_accuracy(curve, 0.955)[0] == pytest.approx(30 ** 0.75 * 40 ** 0.25, rel=1e-12)
+    quarter = 30 ** 0.75 * 40 ** 0.25
+    assert study.fid_at_accuracy(curve, 0.955)[0] == pytest.approx(quarter, rel=1e-12)
     assert study.fid_at_accuracy(curve, 0.99) == (90.0, 2.0)  # on a point: that point
 
 
@@ -43,12 +45,13 @@ def test_lowest_fid_at_accuracy_takes_the_best_strength_that_reaches_it():
     assert study.lowest_fid_at_accuracy(curve, 0.98)[0] == pytest.approx(60.0, rel=1e-12)
     assert study.lowest_fid_at_accuracy(curve, 0.90) == (30.0, 1.0)
     assert study.lowest_fid_at_accuracy(curve, 1.01) is None
-    # a first point above the target and a second closer to it with a lower FID: the second, not the first
+    # a first point above the target, a second closer to it with a lower FID: the second
     start = [point(56.0, 0.984, 1.0), point(44.0, 0.973, 1.0), point(50.0, 0.982, 1.0)]
     assert study.fid_at_accuracy(start, 0.971) == (56.0, 1.0)
     assert study.lowest_fid_at_accuracy(start, 0.971) == (44.0, 1.0)
-    # 0.978 is crossed twice: down from 56 (0.984) to 44 (0.973), 6/11 of the way: 56^(5/11) 44^(6/11) = 49.1; up
-    # from 44 to 50 (0.982), 5/9 of the way: 44^(4/9) 50^(5/9) = 47.2, the lower, and below both points above 0.978
+    # 0.978 is crossed twice: down from 56 (0.984) to 44 (0.973), 6/11 of the way:
+    # 56^(5/11) 44^(6/11) = 49.1; up from 44 to 50 (0.982), 5/9 of the way:
+    # 44^(4/9) 50^(5/9) = 47.2, the lower, and below both points above 0.978
     fid, nfe = study.lowest_fid_at_accuracy(start, 0.978)
     assert fid == pytest.approx(44.0 ** (4 / 9) * 50.0 ** (5 / 9), rel=1e-12) and nfe == 1.0
 
@@ -58,31 +61,38 @@ def w_of(argv):
     return argv[argv.index("--w") + 1:]
 
 
-@pytest.mark.parametrize("plan, grid, reverse", [(study.plan_02, [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4], [-1, -2, -3]),
-                                                 (study.plan_03, [0, 0.1, 0.3, 0.5, 1, 2, 3, 4], [-1, -2])])
+@pytest.mark.parametrize("plan, grid, reverse", [
+    (study.plan_02, [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4], [-1, -2, -3]),
+    (study.plan_03, [0, 0.1, 0.3, 0.5, 1, 2, 3, 4], [-1, -2])])
 def test_a_study_plan_draws_every_w_once_from_one_checkpoint_and_sampler(plan, grid, reverse):
     cells = plan("ckpt.pt", 100, ablation=[(0.2, "p0.2.pt")])
     assert w_of(cells["cfg-a"]) + w_of(cells["cfg-b"]) == grid and w_of(cells["reverse"]) == reverse
-    assert {c[c.index("--ckpt") + 1] for name, c in cells.items() if name != "p0.2"} == {"ckpt.pt"}
-    assert cells["cfg-a"][:cells["cfg-a"].index("--w")] == cells["cfg-b"][:cells["cfg-b"].index("--w")]
+    ckpts = {c[c.index("--ckpt") + 1] for name, c in cells.items() if name != "p0.2"}
+    assert ckpts == {"ckpt.pt"}
+    shared = cells["cfg-a"][:cells["cfg-a"].index("--w")]  # all but the w values
+    assert cells["cfg-b"][:cells["cfg-b"].index("--w")] == shared
     check = cells["ancestral256"]
-    assert check[check.index("--sampler") + 1] == "ancestral" and check[check.index("--steps") + 1] == 256
+    assert check[check.index("--sampler") + 1] == "ancestral"
+    assert check[check.index("--steps") + 1] == 256
     assert w_of(check) == [0] and w_of(cells["p0.2"]) == [0, 1, 3]
     assert "ancestral256" not in plan("ckpt.pt", 100, check=False)
     if plan is study.plan_03:  # and past its grid, from the same checkpoint, sampler and noise
-        assert w_of(cells["cfg-high"]) == [6, 8] and cells["cfg-high"][:-3] == cells["cfg-a"][:cells["cfg-a"].index("--w")]
+        assert w_of(cells["cfg-high"]) == [6, 8] and cells["cfg-high"][:-3] == shared
 
 
-def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(tmp_path, monkeypatch):
-    """run_cell samples (here a stand-in for sample.py that records each call) the first time, reads the cache while
-    nothing changed, and samples again when the command or the checkpoint's bytes change (same size and name)."""
+def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(
+        tmp_path, monkeypatch):
+    """run_cell samples (here a stand-in for sample.py that records each call) the first time,
+    reads the cache while nothing changed, and samples again when the command or the
+    checkpoint's bytes change (same size and name)."""
     calls = []
 
     def fake_sample(cmd, **kwargs):
         calls.append(cmd)
         npz = cmd[cmd.index("--npz") + 1]
         w = float(cmd[cmd.index("--w") + 1])
-        np.savez(npz, images=np.full((2, 4, 4, 1), len(calls), np.uint8), labels=np.arange(2), w=np.full(2, w))
+        images = np.full((2, 4, 4, 1), len(calls), np.uint8)
+        np.savez(npz, images=images, labels=np.arange(2), w=np.full(2, w))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(study.subprocess, "run", fake_sample)
@@ -92,7 +102,8 @@ def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_uncha
     first, _, _ = study.run_cell("c", argv, "cells")
     again, _, ws = study.run_cell("c", argv, "cells")
     assert len(calls) == 1 and (again == first).all() and ws.tolist() == [1.0, 1.0]
-    assert json.load(open("cells/c.json"))["inputs"] == {"ckpt.pt": hashlib.sha256(b"a" * 64).hexdigest()}
+    digest = hashlib.sha256(b"a" * 64).hexdigest()
+    assert json.load(open("cells/c.json"))["inputs"] == {"ckpt.pt": digest}
     study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")  # another command
     assert len(calls) == 2
     study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")

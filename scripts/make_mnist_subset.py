@@ -18,17 +18,17 @@ training split and stored as the two official IDX files. This script makes such 
 The same seed gives the same folder, byte for byte. It is comparable with the project's own
 mnist-4k, not identical (another random draw): expect figures near those of docs/results.md.
 """
-import argparse
+import functools
 import gzip
 import os
 import struct
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 import data  # noqa: E402
 
 IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -55,53 +55,28 @@ def idx_bytes(array):
     return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), mtime=0)
 
 
-def write_atomically(folder, blobs):
-    """Write {file name: bytes} into folder: each under a temporary name, then renamed."""
-    os.makedirs(folder, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    temporary = {}
-    try:
-        for name, blob in blobs.items():
-            fd, temporary[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(temporary[name], 0o666 & ~umask)  # mkstemp makes it private; data is not
-        for name, path in temporary.items():
-            os.replace(path, os.path.join(folder, name))
-    finally:
-        for path in temporary.values():
-            if os.path.exists(path):
-                os.remove(path)
-
-
-def usage_error(message):  # one line on stderr and exit code 2, as the other scripts do
-    print(f"make_mnist_subset.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+fail = functools.partial(cli.fail, prog="make_mnist_subset.py")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.error = usage_error
+    p = cli.parser("make_mnist_subset.py", __doc__)
     p.add_argument("--out", required=True, help="folder for the two IDX files (created if missing)")
     p.add_argument("--data-dir", default="./data", help="where the official MNIST training "
                    "files are, or are downloaded to (default ./data)")
-    p.add_argument("--per-class", type=int, default=400,
+    p.add_argument("--per-class", type=cli.number(int, 1), default=400,
                    help="images per class (default 400: mnist-4k's)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the numpy Generator that draws them (default 0)")
     args = p.parse_args(argv)
-    if args.per_class < 1:
-        p.error(f"--per-class must be at least 1 (got {args.per_class})")
     try:
         images, labels = data.load_dataset("mnist", args.data_dir)  # (N, 1, 28, 28), (N,)
         chosen = draw(labels.numpy(), args.per_class, args.seed)
     except (data.DataError, ValueError) as e:
-        usage_error(e)
-    write_atomically(args.out, {IMAGES: idx_bytes(images[chosen, 0].numpy()),  # (n, 28, 28)
-                                LABELS: idx_bytes(labels[chosen].numpy().astype(np.uint8))})
+        fail(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    for name, array in ((LABELS, labels[chosen].numpy().astype(np.uint8)),
+                        (IMAGES, images[chosen, 0].numpy())):  # (n,), (n, 28, 28)
+        cli.atomic_write(os.path.join(args.out, name), lambda f: f.write(idx_bytes(array)))
     print(f"{len(chosen):,} of {len(labels):,} MNIST training digits ({args.per_class} per "
           f"class, seed {args.seed}) -> {os.path.join(args.out, IMAGES)}, "
           f"{os.path.join(args.out, LABELS)}")

@@ -32,6 +32,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 import metrics  # noqa: E402
 from sample import FAST_SAMPLER  # noqa: E402
 
@@ -81,9 +82,7 @@ def run_cell(name, argv, out_dir=OUT):
         raise RuntimeError(f"sample.py {' '.join(argv)} failed: {run.stderr.strip()}")
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
     info = dict(argv=argv, inputs=inputs, seconds=time.perf_counter() - start, threads=threads)
-    with open(f"{info_path}.tmp", "w") as f:
-        json.dump(info, f)
-    os.replace(f"{info_path}.tmp", info_path)
+    cli.write_json(info_path, info)
     return load_cell(npz)
 
 

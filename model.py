@@ -1,16 +1,16 @@
 """A compact class-conditional U-Net for ε-prediction, ε_θ(z_λ, λ, c), and its checkpoints.
 
-One network gives both ε_θ(z_λ, c) and ε_θ(z_λ) = ε_θ(z_λ, ∅) (Ho & Salimans, arXiv 2207.12598): the
-null label ∅ is the extra class index `num_classes`, with its own embedding row, so it never
-coincides with a real class. The architecture is the DDPM / ADM U-Net that the paper reuses, in
-continuous time: λ enters as u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1) through a sinusoidal embedding
-and an MLP; the class embedding is added to it and injected into every residual block;
-self-attention at the configured resolutions; skips from every down block.
+One network gives both ε_θ(z_λ, c) and ε_θ(z_λ) = ε_θ(z_λ, ∅) (Ho & Salimans, arXiv
+2207.12598): the null label ∅ is the extra class index `num_classes`, with its own embedding
+row, so it never coincides with a real class. The architecture is the DDPM / ADM U-Net that the
+paper reuses, in continuous time: λ enters as u(λ) = (2/π)·arctan(e^{−λ/2}) ∈ (0, 1) through a
+sinusoidal embedding and an MLP; the class embedding is added to it and injected into every
+residual block; self-attention at the configured resolutions; skips from every down block.
 
 `UNetConfig(strength_input=True)` adds guidance-free training's input β (train.gft_loss), whose
-last layer starts at zero; off, the network is exactly the paper's. `NoisyClassifier` is p_φ(c | z_λ)
-of classifier guidance (classifier.py): the same encoder and a pooled head. The named
-configurations and their recipes are in presets.py.
+last layer starts at zero; off, the network is exactly the paper's. `NoisyClassifier` is
+p_φ(c | z_λ) of classifier guidance (classifier.py): the same encoder and a pooled head. The
+named configurations and their recipes are in presets.py.
 
     net = UNet(UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4)))
     eps = net(z, logsnr, labels)          # (B, C, H, W), (B,), (B,) long -> (B, C, H, W)
@@ -33,7 +33,7 @@ class UNetConfig:
     in_channels: int = 3  # C of the input (and of the predicted ε)
     channels: int = 128  # base width; level i has channels * channel_mult[i]
     channel_mult: tuple = (1, 2, 2, 2)  # one entry per resolution level
-    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    num_res_blocks: int = 2  # residual blocks per level down (one more up)
     attention_resolutions: tuple = (16,)  # resolutions (H) that get self-attention
     num_heads: int = 1
     dropout: float = 0.1
@@ -47,7 +47,7 @@ def logsnr_to_unit(logsnr):
 
 
 def sinusoidal_embedding(x, dim, max_period=10000.0):
-    """(B,) -> (B, dim): [cos(x·f_k), sin(x·f_k)] with log-spaced frequencies f_k (Transformer / DDPM)."""
+    """(B,) -> (B, dim): [cos(x·f_k), sin(x·f_k)], log-spaced f_k (Transformer / DDPM)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
     angles = x.float()[:, None] * freqs[None, :]  # (B, half)
@@ -140,19 +140,20 @@ class ClassifierConfig:
     attention_resolutions: tuple = (16,)  # resolutions (H) that get self-attention
     num_heads: int = 1
     dropout: float = 0.0
-    num_classes: int = 10  # the classes c = 0..num_classes−1 (no null label: p_φ always names a class)
+    num_classes: int = 10  # c = 0..num_classes−1 (no null label: p_φ always names a class)
 
 
 class Encoder(nn.Module):
-    """What the U-Net and the noise-conditional classifier share: the embedding of λ (and of c, for the U-Net)
-    and the down path and middle that encode z_λ. The classifier is ADM's: the U-Net's encoder without the skip
-    connections, then a pooled head."""
+    """What the U-Net and the noise-conditional classifier share: the embedding of λ (and of c,
+    for the U-Net) and the down path and middle that encode z_λ. The classifier is ADM's: the
+    U-Net's encoder without the skip connections, then a pooled head."""
 
     def __init__(self, config, num_labels=None):
         super().__init__()
         self.config = config
         ch, emb_dim = config.channels, 4 * config.channels
-        self.logsnr_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.logsnr_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
         if num_labels is not None:
             self.label_emb = nn.Embedding(num_labels, emb_dim)
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
@@ -170,17 +171,17 @@ class Encoder(nn.Module):
                 self.down.append(Downsample(cur))
                 self.skip_channels.append(cur)
                 res = (res + 1) // 2
-        self.mid = nn.ModuleList([Block(cur, cur, emb_dim, config.dropout, True, config.num_heads),
-                                  Block(cur, cur, emb_dim, config.dropout, False, config.num_heads)])
+        self.mid = nn.ModuleList([Block(cur, cur, emb_dim, config.dropout, attn, config.num_heads)
+                                  for attn in (True, False)])
         self.width, self.resolution = cur, res  # channels and H after the middle
 
     def encode(self, z, logsnr, labels=None, extra_emb=None):
-        """(h after the middle, the down path's outputs for the skips, the embedding (B, emb_dim)). extra_emb:
-        (B, emb_dim) added to the embedding of λ and c (the U-Net's strength β), or None."""
+        """(h after the middle, the down path's outputs for the skips, the embedding (B, emb_dim)).
+        extra_emb: (B, emb_dim) added to the embedding of λ and c (the U-Net's β), or None."""
         logsnr = torch.as_tensor(logsnr, device=z.device, dtype=torch.float32).expand(z.shape[0])
-        # u(λ) ∈ (0, 1) scaled to [0, 1000] so the sinusoid frequencies resolve it as in DDPM; cast to z's dtype so
-        # that the network can run in float64 (tests).
-        emb = self.logsnr_mlp(sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels).to(z.dtype))
+        # u(λ) scaled to [0, 1000] for the sinusoids, as DDPM's t; z's dtype: float64 runs (tests).
+        u = sinusoidal_embedding(1000 * logsnr_to_unit(logsnr), self.config.channels)
+        emb = self.logsnr_mlp(u.to(z.dtype))
         if labels is not None:
             emb = emb + self.label_emb(labels)  # (B, emb_dim)
         if extra_emb is not None:
@@ -196,13 +197,14 @@ class Encoder(nn.Module):
 
 
 class UNet(Encoder):
-    """ε_θ(z_λ, λ, c): forward(z, logsnr, labels) -> eps, with labels == num_classes meaning ∅. With
-    config.strength_input, GFT's sampling model ε_s(z_λ, λ, c, β): forward(z, logsnr, labels, strength=β)."""
+    """ε_θ(z_λ, λ, c): forward(z, logsnr, labels) -> eps, with labels == num_classes meaning ∅.
+    With config.strength_input, GFT's sampling model ε_s(z_λ, λ, c, β): strength=β."""
 
     def __init__(self, config: UNetConfig):
-        super().__init__(config, num_labels=config.num_classes + 1)  # the last label row is ∅
+        super().__init__(config, num_labels=config.num_classes + 1)  # the last row is ∅
         self.null_label = config.num_classes
-        ch, emb_dim, cur, res = config.channels, 4 * config.channels, self.width, self.resolution
+        ch, emb_dim = config.channels, 4 * config.channels
+        cur, res = self.width, self.resolution
         skip_channels = list(self.skip_channels)
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip connection.
@@ -219,26 +221,31 @@ class UNet(Encoder):
         self.norm_out = group_norm(cur)
         self.conv_out = zero_init(nn.Conv2d(cur, config.in_channels, 3, padding=1))
 
-        # GFT's β, built last so that every other weight is drawn as without it; zero last layer: starts as without it.
+        # GFT's β, built last so that every other weight is drawn as without it; its zero last
+        # layer makes the network start as without it.
         self.strength_input = config.strength_input
         if config.strength_input:
-            self.strength_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
+            self.strength_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                              zero_init(nn.Linear(emb_dim, emb_dim)))
 
     def strength_embedding(self, strength, z):
-        """(B, emb_dim): the embedding of β (None: β = 1), for a network with the strength input; None without it."""
+        """(B, emb_dim): the embedding of β (None: β = 1); None for a network without β."""
         if not self.strength_input:
             if strength is not None:
-                raise ValueError("this UNet has no strength input β (UNetConfig.strength_input=False): "
-                                 "it was not trained by guidance-free training (train.gft_loss)")
+                raise ValueError("this UNet has no strength input β (UNetConfig.strength_input="
+                                 "False): it was not trained by guidance-free training "
+                                 "(train.gft_loss)")
             return None
-        beta = torch.as_tensor(1.0 if strength is None else strength, device=z.device, dtype=torch.float32)
+        beta = 1.0 if strength is None else strength
+        beta = torch.as_tensor(beta, device=z.device, dtype=torch.float32)
         beta = beta.expand(z.shape[0])  # (B,)
-        return self.strength_mlp(sinusoidal_embedding(1000 * beta, self.config.channels).to(z.dtype))
+        u = sinusoidal_embedding(1000 * beta, self.config.channels)
+        return self.strength_mlp(u.to(z.dtype))
 
     def forward(self, z, logsnr, labels, strength=None):
-        """z: (B, C, H, W); logsnr: (B,) or scalar λ; labels: (B,) long, num_classes = ∅. strength: GFT's
-        β ∈ (0, 1], a number or (B,), only for a network with the strength input; None there is β = 1 (the
-        conditional model, and with ∅ the unconditional one)."""
+        """z: (B, C, H, W); logsnr: (B,) or scalar λ; labels: (B,) long, num_classes = ∅.
+        strength: GFT's β ∈ (0, 1], a number or (B,), only for a network with that input; None
+        there is β = 1 (the conditional model, and with ∅ the unconditional one)."""
         h, skips, emb = self.encode(z, logsnr, labels, self.strength_embedding(strength, z))
         for module in self.up:
             if isinstance(module, Upsample):
@@ -249,17 +256,17 @@ class UNet(Encoder):
 
 
 class NoisyClassifier(Encoder):
-    """p_φ(c | z_λ), for classifier guidance (guidance.classifier_guided_eps; trained by classifier.py):
-    forward(z, logsnr) -> logits (B, num_classes); log_softmax of them is log p_φ(c | z_λ).
+    """p_φ(c | z_λ) for classifier guidance (guidance.classifier_guided_eps; classifier.py):
+    forward(z, logsnr) -> logits (B, num_classes), whose log_softmax is log p_φ(c | z_λ).
 
-    ADM's design at this project's scale: the U-Net's encoder (conditioned on λ as the U-Net is, without a label),
-    then GroupNorm → SiLU → average pool → linear (ADM's "adaptive" pooling; its ImageNet classifiers used
-    attention pooling and scale-shift normalisation)."""
+    ADM's design at this scale: the U-Net's encoder (conditioned on λ, without a label), then
+    GroupNorm → SiLU → average pool → linear (ADM's "adaptive" pooling; its ImageNet
+    classifiers used attention pooling and scale-shift normalisation)."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__(config)
         self.norm_out = group_norm(self.width)
-        self.head = zero_init(nn.Linear(self.width, config.num_classes))  # zero-initialised, as ADM's
+        self.head = zero_init(nn.Linear(self.width, config.num_classes))  # zero, as ADM's
 
     def forward(self, z, logsnr):
         """z: (B, C, H, W); logsnr: (B,) or scalar λ -> logits (B, num_classes)."""
@@ -268,17 +275,17 @@ class NoisyClassifier(Encoder):
         return self.head(h)  # (B, num_classes)
 
 
-# The networks a checkpoint can hold, by its "network" entry (train.py: unet, classifier.py: classifier).
+# A checkpoint's networks by its "network" entry (train.py: unet, classifier.py: classifier).
 NETWORKS = {"unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line that says why and what to do."""
+    """A checkpoint that cannot be used; the message is one line: why, and what to do."""
 
 
 def save_checkpoint(ckpt, path):
     """Write `ckpt` to a temporary file beside `path`, flush it to disk, then rename it over
-    `path`: a crash at any moment leaves either the old file or the new one, never half of one."""
+    `path`: a crash at any moment leaves the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -290,35 +297,39 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True; raise CheckpointError with a one-line reason."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one (train.py, classifier.py)")
+        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one "
+                              "(train.py, classifier.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types: UnpicklingError, RuntimeError, EOFError
-        if "Unsupported global" in str(e) or "Unsupported class" in str(e):  # a class or function: pickled code
-            # ("Unsupported class" is the wording of PyTorch before 2.4)
-            raise CheckpointError(f"{path} holds pickled Python objects, not only tensors; refusing to "
-                                  "load it (only load checkpoints this project wrote: train.py, classifier.py)") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        # A class or function: pickled code ("Unsupported class": PyTorch before 2.4).
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
+            raise CheckpointError(f"{path} holds pickled Python objects, not only tensors; "
+                                  "refusing to load it (only load checkpoints this project "
+                                  "wrote: train.py, classifier.py)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                               f"{type(e).__name__}); use an intact copy or train again") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of train.py or classifier.py (no 'config' or 'ema' entry)")
+        raise CheckpointError(f"{path} is not a checkpoint of train.py or classifier.py "
+                              "(no 'config' or 'ema' entry)")
     return ckpt
 
 
 def network_kind(ckpt):
-    """'unet' or 'classifier': the checkpoint's "network" entry; one written before that entry existed is told by
-    its weights (only the classifier has a head)."""
+    """'unet' or 'classifier': the checkpoint's "network" entry, or for an older checkpoint
+    without it, told by its weights (only the classifier has a head)."""
     return ckpt.get("network") or ("classifier" if "head.weight" in ckpt["ema"] else "unet")
 
 
 def config_from_dict(d, kind="unet"):
     """The config dataclass of a network kind from a stored dict (lists back to tuples)."""
-    return NETWORKS[kind][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return NETWORKS[kind][0](**fields)
 
 
 def model_from_checkpoint(ckpt, weights="ema"):
-    """The network described by the checkpoint (a UNet or a NoisyClassifier), loaded with ckpt[weights]
-    ('ema' or 'model')."""
+    """The checkpoint's network (a UNet or a NoisyClassifier) with ckpt[weights] ('ema' or
+    'model')."""
     kind = network_kind(ckpt)
     model = NETWORKS[kind][1](config_from_dict(ckpt["config"], kind))
     model.load_state_dict(ckpt[weights])
@@ -326,11 +337,12 @@ def model_from_checkpoint(ckpt, weights="ema"):
 
 
 def load_model(path, map_location="cpu"):
-    """(the network with its EMA weights, in eval mode, the checkpoint dict) from a file written by train.py or
-    classifier.py; CheckpointError with a one-line reason otherwise (no pickled code runs)."""
+    """(the network with its EMA weights, in eval mode, the checkpoint dict) from a file of
+    train.py or classifier.py; else CheckpointError, one line (no pickled code runs)."""
     ckpt = load_checkpoint(path, map_location)
     try:
         return model_from_checkpoint(ckpt).eval(), ckpt
     except (RuntimeError, KeyError, TypeError) as e:  # a config that does not match its weights
-        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({type(e).__name__}); "
-                              "use the checkpoint as train.py or classifier.py wrote it") from None
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config "
+                              f"({type(e).__name__}); use the checkpoint as train.py or "
+                              "classifier.py wrote it") from None

@@ -39,9 +39,10 @@ def test_null_label_is_its_own_class():
     config = PRESETS["digits"].network
     net = randomize(M.UNet(config))
     assert net.null_label == config.num_classes == 10
-    z = torch.randn(1, 1, 8, 8).expand(config.num_classes + 1, -1, -1, -1)
+    n = config.num_classes + 1  # every class and ∅
+    z = torch.randn(1, 1, 8, 8).expand(n, -1, -1, -1)
     with torch.no_grad():
-        eps = net(z, torch.full((config.num_classes + 1,), 1.5), torch.arange(config.num_classes + 1))
+        eps = net(z, torch.full((n,), 1.5), torch.arange(n))
     eps_null = eps[-1]
     for c in range(config.num_classes):  # label 0 included: it is the digit zero, not ∅
         assert (eps[c] - eps_null).abs().max() > 1e-3
@@ -87,7 +88,8 @@ def test_digits_preset_overfits_a_fixed_batch():
     eps = torch.randn(8, 1, 8, 8)
     logsnr = torch.linspace(-5, 5, 8)
     labels = torch.arange(8)
-    alpha, sigma = torch.sigmoid(logsnr).sqrt()[:, None, None, None], torch.sigmoid(-logsnr).sqrt()[:, None, None, None]
+    alpha = torch.sigmoid(logsnr).sqrt()[:, None, None, None]  # α_λ² = sigmoid(λ)
+    sigma = torch.sigmoid(-logsnr).sqrt()[:, None, None, None]  # σ_λ² = sigmoid(−λ)
     z = alpha * x + sigma * eps
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     losses = []
@@ -100,7 +102,8 @@ def test_digits_preset_overfits_a_fixed_batch():
         if losses[-1] < losses[0] / 10:
             break
     assert losses[0] > 0.5  # ε has unit variance and the output starts at zero
-    assert losses[-1] < losses[0] / 10, f"loss fell only from {losses[0]:.3f} to {min(losses):.3f} in 300 steps"
+    fell = f"loss fell only from {losses[0]:.3f} to {min(losses):.3f} in 300 steps"
+    assert losses[-1] < losses[0] / 10, fell
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
@@ -114,8 +117,9 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     net2 = M.model_from_checkpoint(ckpt).eval()
     assert net2.config == config and ckpt["step"] == 7
     z = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([1, 10])
     with torch.no_grad():
-        assert torch.equal(net(z, torch.zeros(2), torch.tensor([1, 10])), net2(z, torch.zeros(2), torch.tensor([1, 10])))
+        assert torch.equal(net(z, torch.zeros(2), labels), net2(z, torch.zeros(2), labels))
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(path, "rb").read()[:2000])

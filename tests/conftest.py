@@ -1,5 +1,5 @@
-"""Make the flat top-level modules (schedule, model, data, train, sample, metrics) importable from tests,
-and the fixtures and helpers several test files share."""
+"""Makes the flat top-level modules (schedule, model, data, train, ...) importable from tests;
+the fixtures and helpers that several test files share."""
 import os
 import sys
 
@@ -29,16 +29,17 @@ def float64_default():
 
 
 def assert_one_line_exit_2(main, argv, capsys, prefix):
-    """main(argv) exits with code 2 and one line on stderr that starts with `prefix`; returns that line."""
+    """main(argv) exits with code 2 and one stderr line starting with `prefix`; returns it."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(prefix) and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(prefix) and "Traceback" not in err, err
     return err
 
 
-# Real datasets that CI keeps in a folder beside the checkout (../shared/data/<name>); a fresh clone has none.
+# Real datasets CI keeps beside the checkout (../shared/data/<name>); a fresh clone has none.
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 SHARED_DATASETS = {
     "mnist-4k": "4,000 real MNIST training digits, 400 per class",
@@ -48,10 +49,10 @@ SHARED_DATASETS = {
 
 
 def shared_data(name, hint=""):
-    """The folder ../shared/data/<name> beside the checkout. If it is absent, the calling test is skipped with
-    a reason that names the folder, what it holds and, when given, `hint` (how to run the test without it)."""
+    """The folder ../shared/data/<name> beside the checkout. If absent, the calling test is skipped
+    with a reason naming the folder, what it holds and `hint` (how to run the test without it)."""
     path = os.path.join(SHARED_DATA, name)
     if not os.path.isdir(path):
-        pytest.skip(f"needs ../shared/data/{name} ({SHARED_DATASETS[name]}); absent in this checkout"
+        pytest.skip(f"needs ../shared/data/{name} ({SHARED_DATASETS[name]}); not in this checkout"
                     + (f"; {hint}" if hint else ""))
     return path

@@ -1,8 +1,8 @@
-"""Tests for data.py: loaders on synthetic files in the official formats, downloads served from 127.0.0.1.
+"""Tests for data.py: loaders on synthetic files in the official formats, downloads from 127.0.0.1.
 
-The synthetic files are written by independent minimal writers that follow the published formats
+The synthetic files come from independent minimal writers of the published formats
 (tests/official_formats.py: IDX, a big-endian header then bytes, gzipped; CIFAR-10, a tar.gz of
-Python 2 protocol-2 pickles, hand-assembled opcode by opcode), so a loader that misreads the format fails.
+Python 2 protocol-2 pickles assembled opcode by opcode), so a loader that misreads a format fails.
 
 Run: python -m pytest -q tests/test_data.py
 """
@@ -37,7 +37,7 @@ def md5(blob):
     return hashlib.md5(blob).hexdigest()
 
 
-# ---------------------------------------------------------------- synthetic datasets and a local server
+# ---------------------------------------------------------------- synthetic data, a local server
 
 @pytest.fixture(scope="module")
 def synthetic():
@@ -45,25 +45,27 @@ def synthetic():
     rng = np.random.default_rng(0)
     out = {}
     for name, n_train, n_test in (("mnist", 30, 10), ("fashion-mnist", 20, 12)):
-        split = {s: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8))
+        split = {s: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                     rng.integers(0, 10, n, dtype=np.uint8))
                  for s, n in (("train", n_train), ("t10k", n_test))}
         kinds = ((0, "images-idx3-ubyte.gz"), (1, "labels-idx1-ubyte.gz"))
-        out[name] = {"files": {f"{s}-{kind}": idx_gz(split[s][k]) for s in split for k, kind in kinds},
-                     "train": split["train"], "test": split["t10k"]}
+        files = {f"{s}-{kind}": idx_gz(split[s][k]) for s in split for k, kind in kinds}
+        out[name] = {"files": files, "train": split["train"], "test": split["t10k"]}
     batches = {name: (rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4))
                for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
-    out["cifar10"] = {"files": {CIFAR: cifar_tar_gz(batches)},
-                      "train": tuple(np.concatenate([batches[f"data_batch_{i}"][k] for i in range(1, 6)])
-                                     for k in (0, 1)),
+    train = tuple(np.concatenate([batches[f"data_batch_{i}"][k] for i in range(1, 6)])
+                  for k in (0, 1))
+    out["cifar10"] = {"files": {CIFAR: cifar_tar_gz(batches)}, "train": train,
                       "test": batches["test_batch"]}
     return out
 
 
 class Server:
-    """HTTP on 127.0.0.1 serving /<dataset>/<file>; `plan[path]` lists how to (mis)behave on the next requests."""
+    """HTTP on 127.0.0.1 serving /<dataset>/<file>; `plan[path]`: how to (mis)behave next."""
 
     def __init__(self, synthetic):
-        self.files = {f"/{name}/{f}": blob for name, d in synthetic.items() for f, blob in d["files"].items()}
+        self.files = {f"/{name}/{f}": blob
+                      for name, d in synthetic.items() for f, blob in d["files"].items()}
         self.plan, self.requests = {}, {}
         server = self
 
@@ -98,10 +100,11 @@ class Server:
 
 @pytest.fixture
 def server(synthetic, monkeypatch):
-    """A local mirror of the synthetic files, with the entries' MD5s set to theirs and no retry delay."""
+    """A local mirror of the synthetic files, the entries' MD5s set to theirs, no retry delay."""
     for name in ("mnist", "fashion-mnist", "cifar10"):
         files, entry = synthetic[name]["files"], data.DATASETS[name]
-        splits = {train: tuple((f, md5(files[f])) for f, _ in entry.files[train]) for train in (True, False)}
+        splits = {train: tuple((f, md5(files[f])) for f, _ in entry.files[train])
+                  for train in (True, False)}
         monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(entry, files=splits))
     monkeypatch.setattr(data, "RETRY_DELAY_S", 0.0)
     s = Server(synthetic)
@@ -141,7 +144,8 @@ def test_to_model_range_and_back_is_exact_for_every_uint8_value():
     u = torch.arange(256, dtype=torch.uint8)
     x = data.to_model_range(u)
     assert x.dtype == torch.float32
-    np.testing.assert_allclose(x.numpy(), np.arange(256, dtype=np.float64) / 127.5 - 1.0, rtol=0, atol=1e-6)
+    reference = np.arange(256, dtype=np.float64) / 127.5 - 1.0
+    np.testing.assert_allclose(x.numpy(), reference, rtol=0, atol=1e-6)
     assert x[0] == -1.0 and x[-1] == 1.0
     assert torch.equal(data.to_uint8(x), u)
     assert torch.equal(data.to_uint8(x.double()), u)
@@ -149,7 +153,7 @@ def test_to_model_range_and_back_is_exact_for_every_uint8_value():
 
 def test_to_uint8_clamps_and_rounds():
     x = torch.tensor([-3.0, -1.0, 1.0, 7.0, 0.0, 1 / 127.5 * 0.49 - 1, 1 / 127.5 * 0.51 - 1])
-    assert data.to_uint8(x).tolist() == [0, 0, 255, 255, 128, 0, 1]  # 0.0 -> 127.5 rounds to even 128
+    assert data.to_uint8(x).tolist() == [0, 0, 255, 255, 128, 0, 1]  # 127.5 rounds to even 128
 
 
 # ---------------------------------------------------------------- digits, names
@@ -158,9 +162,10 @@ def test_digits_are_sklearn_digits_scaled_to_255():
     from sklearn.datasets import load_digits
     ref = load_digits()
     images, labels = data.load_dataset("digits")
-    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert images.shape == (1797, 1, 8, 8)
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
     v = ref.images.astype(np.int64)  # integers 0..16
-    np.testing.assert_array_equal(images[:, 0].numpy(), (v * 255 + 8) // 16)  # round(v·255/16), in integers
+    np.testing.assert_array_equal(images[:, 0].numpy(), (v * 255 + 8) // 16)  # round(v·255/16)
     assert images.min() == 0 and images.max() == 255
     np.testing.assert_array_equal(labels.numpy(), ref.target)
 
@@ -209,7 +214,7 @@ def test_bad_transfer_is_retried_and_never_used(server, synthetic, tmp_path, mod
     server.plan[path] = [mode]  # first answer bad, second good
     check_split(*data.load_dataset("mnist", str(tmp_path)), synthetic["mnist"]["train"], "mnist")
     assert server.requests[path] == 2
-    assert sorted(os.listdir(tmp_path / "mnist")) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert sorted(os.listdir(tmp_path / "mnist")) == list(IDX_FILES[:2])
 
 
 @pytest.mark.parametrize("mode", ["truncated", "corrupt", "close_early"])
@@ -219,7 +224,8 @@ def test_persistently_bad_transfer_is_reported_and_leaves_nothing(server, tmp_pa
     with pytest.raises(data.DataError) as e:
         data.load_dataset("cifar10", str(tmp_path))
     reason = {"truncated": "MD5", "corrupt": "MD5", "close_early": "connection closed after"}[mode]
-    assert_one_line_data_error(e, f"{data.DOWNLOAD_ATTEMPTS} attempts", reason, CIFAR, data.DATASETS["cifar10"].url)
+    assert_one_line_data_error(e, f"{data.DOWNLOAD_ATTEMPTS} attempts", reason, CIFAR,
+                               data.DATASETS["cifar10"].url)
     assert server.requests[path] == data.DOWNLOAD_ATTEMPTS
     assert os.listdir(tmp_path / "cifar10") == []  # neither the file nor a temporary one
     assert capsys.readouterr().err.count("trying again") == data.DOWNLOAD_ATTEMPTS - 1
@@ -229,7 +235,7 @@ def test_http_error_is_reported(server, tmp_path, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, server.url + "/missing")
     with pytest.raises(data.DataError) as e:
         data.load_dataset("fashion-mnist", str(tmp_path))
-    assert_one_line_data_error(e, "404", "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    assert_one_line_data_error(e, "404", f"{IDX_FILES[0]} and {IDX_FILES[1]}")
 
 
 def test_no_network_names_the_files_and_writes_nothing(tmp_path, monkeypatch):
@@ -237,7 +243,8 @@ def test_no_network_names_the_files_and_writes_nothing(tmp_path, monkeypatch):
     for name, files in (("mnist", IDX_FILES[:2]), ("cifar10", (CIFAR,))):
         with pytest.raises(data.DataError) as e:
             data.load_dataset(name, str(tmp_path / "data"))
-        message = assert_one_line_data_error(e, *files, data.DATASETS[name].url, str(tmp_path / "data" / name))
+        message = assert_one_line_data_error(e, *files, data.DATASETS[name].url,
+                                             str(tmp_path / "data" / name))
         assert "place" in message
     assert not (tmp_path / "data").exists()
 
@@ -259,12 +266,13 @@ def snapshot(folder):
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_read_only_folder_works_when_nothing_is_missing(synthetic, tmp_path, monkeypatch, name):
     monkeypatch.setenv(data.MIRROR_ENV, closed_port_url())  # any download attempt would fail
-    place(tmp_path / "ro", synthetic, name)  # the files directly in data_dir, not in data_dir/<name>/
+    place(tmp_path / "ro", synthetic, name)  # the files in data_dir itself, not data_dir/<name>/
     os.chmod(tmp_path / "ro", stat.S_IRUSR | stat.S_IXUSR)
     try:
         before = snapshot(tmp_path / "ro")
         for train, split in ((True, "train"), (False, "test")):
-            check_split(*data.load_dataset(name, str(tmp_path / "ro"), train=train), synthetic[name][split], name)
+            loaded = data.load_dataset(name, str(tmp_path / "ro"), train=train)
+            check_split(*loaded, synthetic[name][split], name)
         assert snapshot(tmp_path / "ro") == before  # nothing written, not even a folder
     finally:
         os.chmod(tmp_path / "ro", stat.S_IRWXU)
@@ -281,19 +289,20 @@ def test_corrupt_file_on_disk_is_moved_aside_and_fetched_again(server, synthetic
 
 def _bad_idx_files(synthetic):
     images, labels = synthetic["mnist"]["train"]
-    raw_images = gzip.decompress(synthetic["mnist"]["files"]["train-images-idx3-ubyte.gz"])
-    gz_labels = synthetic["mnist"]["files"]["train-labels-idx1-ubyte.gz"]
+    img, lab = IDX_FILES[:2]
+    raw_images = gzip.decompress(synthetic["mnist"]["files"][img])
+    gz_labels = synthetic["mnist"]["files"][lab]
     bad_labels = labels.copy()
     bad_labels[3] = 10
     return {
-        "truncated gzip": ("train-labels-idx1-ubyte.gz", gz_labels[:-5], "gzip"),
-        "gzip CRC": ("train-labels-idx1-ubyte.gz",  # flip a bit of the stored CRC-32
+        "truncated gzip": (lab, gz_labels[:-5], "gzip"),
+        "gzip CRC": (lab,  # flip a bit of the stored CRC-32
                      gz_labels[:-8] + bytes([gz_labels[-8] ^ 1]) + gz_labels[-7:], "gzip"),
-        "not gzip": ("train-images-idx3-ubyte.gz", raw_images, "gzip"),
-        "wrong magic": ("train-images-idx3-ubyte.gz", gzip.compress(b"\x00\x00\x08\x01" + raw_images[4:]), "magic"),
-        "fewer bytes": ("train-images-idx3-ubyte.gz", gzip.compress(raw_images[:-28]), "header says"),
-        "more bytes": ("train-images-idx3-ubyte.gz", gzip.compress(raw_images + bytes(28)), "header says"),
-        "label 10": ("train-labels-idx1-ubyte.gz", idx_gz(bad_labels), "0..9"),
+        "not gzip": (img, raw_images, "gzip"),
+        "wrong magic": (img, gzip.compress(b"\x00\x00\x08\x01" + raw_images[4:]), "magic"),
+        "fewer bytes": (img, gzip.compress(raw_images[:-28]), "header says"),
+        "more bytes": (img, gzip.compress(raw_images + bytes(28)), "header says"),
+        "label 10": (lab, idx_gz(bad_labels), "0..9"),
     }
 
 
@@ -303,7 +312,7 @@ def test_corrupt_file_in_read_only_folder_is_named(synthetic, tmp_path, monkeypa
     file, blob, reason = _bad_idx_files(synthetic)[case]
     place(tmp_path, synthetic, "mnist", **{file: blob})
     os.chmod(tmp_path, stat.S_IRUSR | stat.S_IXUSR)
-    if os.geteuid() == 0:  # root ignores permission bits: make moving the file aside fail as it would
+    if os.geteuid() == 0:  # root ignores permission bits: make moving the file aside fail anyway
         def refuse(src, dst):
             raise PermissionError(13, "Permission denied", src)
         monkeypatch.setattr(data.os, "replace", refuse)
@@ -341,10 +350,11 @@ def test_cifar_pickle_with_code_is_refused(synthetic, tmp_path, monkeypatch):
 
 
 def test_py2_pickle_writer_matches_pickle():
-    """The hand-assembled Python 2 pickle is valid and holds what it should (a check of this test's writer)."""
+    """The hand-assembled Python 2 pickle is valid and holds what it should (checks the writer)."""
     rows = np.arange(2 * 3072, dtype=np.int64).reshape(2, 3072).astype(np.uint8)
     d = pickle.loads(py2_cifar_batch(b"b1", [3, 7], rows, [b"a.png", b"b.png"]), encoding="bytes")
-    assert d[b"batch_label"] == b"b1" and d[b"labels"] == [3, 7] and d[b"filenames"] == [b"a.png", b"b.png"]
+    assert d[b"batch_label"] == b"b1" and d[b"labels"] == [3, 7]
+    assert d[b"filenames"] == [b"a.png", b"b.png"]
     assert d[b"data"].dtype == np.uint8 and d[b"data"].shape == (2, 3072)
     np.testing.assert_array_equal(d[b"data"], rows)
 
@@ -361,6 +371,7 @@ def read_idx_reference(path):
     return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
 
 
+@pytest.mark.slow
 def test_real_mnist_4k_read_only_folder(monkeypatch):
     MNIST_4K = shared_data("mnist-4k")
     monkeypatch.setenv(data.MIRROR_ENV, closed_port_url())
@@ -370,14 +381,16 @@ def test_real_mnist_4k_read_only_folder(monkeypatch):
     assert torch.bincount(labels, minlength=10).tolist() == [400] * 10
     reference_images = read_idx_reference(f"{MNIST_4K}/train-images-idx3-ubyte.gz")
     np.testing.assert_array_equal(images[:, 0].numpy(), reference_images)
-    np.testing.assert_array_equal(labels.numpy(), read_idx_reference(f"{MNIST_4K}/train-labels-idx1-ubyte.gz"))
+    reference_labels = read_idx_reference(f"{MNIST_4K}/train-labels-idx1-ubyte.gz")
+    np.testing.assert_array_equal(labels.numpy(), reference_labels)
     assert snapshot(MNIST_4K) == before
     with pytest.raises(data.DataError):  # the folder has no t10k files and there is no network
         data.load_dataset("mnist", MNIST_4K, train=False)
     assert snapshot(MNIST_4K) == before
 
 
-@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION),
+                    reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_from_debian_folder(monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, closed_port_url())
     images, labels = data.load_dataset("fashion-mnist", DEBIAN_FASHION)
@@ -385,5 +398,5 @@ def test_real_fashion_mnist_from_debian_folder(monkeypatch):
     assert torch.bincount(labels, minlength=10).tolist() == [6000] * 10
     reference_labels = read_idx_reference(f"{DEBIAN_FASHION}/train-labels-idx1-ubyte.gz")
     np.testing.assert_array_equal(labels.numpy(), reference_labels)
-    np.testing.assert_array_equal(images[::997, 0].numpy(),
-                                  read_idx_reference(f"{DEBIAN_FASHION}/train-images-idx3-ubyte.gz")[::997])
+    reference_images = read_idx_reference(f"{DEBIAN_FASHION}/train-images-idx3-ubyte.gz")
+    np.testing.assert_array_equal(images[::997, 0].numpy(), reference_images[::997])

@@ -32,7 +32,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A digits-preset checkpoint with random weights, its zero-initialised layers too (else ε ≡ 0)."""
+    """A digits checkpoint, random weights in the zero-initialised layers too (else ε ≡ 0)."""
     torch.manual_seed(0)
     net = M.UNet(PRESETS["digits"].network)
     with torch.no_grad():
@@ -42,26 +42,29 @@ def ckpt(tmp_path_factory):
     state = net.state_dict()
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
     M.save_checkpoint({"model": state, "ema": state, "optimizer": {}, "step": 0,
-                       "config": dataclasses.asdict(net.config), "args": {"dataset": "digits"}}, path)
+                       "config": dataclasses.asdict(net.config),
+                       "args": {"dataset": "digits"}}, path)
     return path
 
 
 # --batch-size 1: every image is then computed in a batch of its own in both runs. With larger
 # batches the two runs group the images differently, and a convolution over another batch may
 # round differently (one uint8 level, see test_sample.py); the index sharding itself is exact.
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ancestral", "dpmpp2m"])
 def test_two_processes_write_the_single_process_npz(ckpt, tmp_path, sampler):
-    args = ["--ckpt", ckpt, "--w", "0", "2", "--classes", "1,4,7", "--n-per-class", "3", "--steps", "3",
-            "--sampler", sampler, "--seed", "5", "--batch-size", "1", "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}"]
+    args = ["--ckpt", ckpt, "--w", "0", "2", "--classes", "1,4,7", "--n-per-class", "3",
+            "--steps", "3", "--sampler", sampler, "--seed", "5", "--batch-size", "1",
+            "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     runs = {}
     for name, launcher in (("ddp", torchrun), ("single", [sys.executable])):
         folder = tmp_path / name
         folder.mkdir()
-        proc = subprocess.run([*launcher, "sample.py", *args, "--out", str(folder / "grid.png"),
-                               "--npz", str(folder / "samples.npz")],
-                              cwd=REPO, capture_output=True, text=True, env=ONE_THREAD, timeout=120)
+        outputs = ["--out", str(folder / "grid.png"), "--npz", str(folder / "samples.npz")]
+        proc = subprocess.run([*launcher, "sample.py", *args, *outputs], cwd=REPO,
+                              capture_output=True, text=True, env=ONE_THREAD, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # Only rank 0 writes: one grid, one npz, no temporary files left by either rank.
         assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "samples.npz"]
@@ -74,7 +77,7 @@ def test_two_processes_write_the_single_process_npz(ckpt, tmp_path, sampler):
     for key in ("images", "labels", "w"):
         assert ddp[key].dtype == single[key].dtype and ddp[key].shape == single[key].shape
         np.testing.assert_array_equal(ddp[key], single[key])
-    # The grid order (w, class, index), and images that are not all alike, so equality means something.
+    # The grid order (w, class, index), and images not all alike: equality means something.
     assert single["labels"].tolist() == [1, 1, 1, 4, 4, 4, 7, 7, 7] * 2
     assert single["w"].tolist() == [0.0] * 9 + [2.0] * 9
     images = single["images"].astype(int)

@@ -1,16 +1,19 @@
 """metrics.py against independent references: scipy's matrix square root (the pytorch-fid
 formula), closed-form Fréchet distances between Gaussians, the entropy form of the Inception
-Score, and known extreme cases. Run: python -m pytest -q tests/test_metrics.py"""
+Score, and known extreme cases; metric_nets.py's MNIST-family classifier on a separable toy.
+Run: python -m pytest -q tests/test_metrics.py"""
 import numpy as np
 import pytest
 import torch
 from scipy import linalg, stats
 
+import metric_nets
 import metrics
 
 
 def fid_scipy(feats_a, feats_b):
-    """The reference FID of pytorch-fid / the TTUR code: sqrtm(C_a C_b) by scipy, with the usual eps fallback."""
+    """The reference FID of pytorch-fid / the TTUR code: sqrtm(C_a C_b) by scipy, with the usual
+    eps fallback."""
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b)
@@ -55,12 +58,14 @@ def test_frechet_distance_gaussian_closed_forms():
     mu_a, mu_b = rng.normal(size=d), rng.normal(size=d)
     cov_a, cov_b = q @ np.diag(var_a) @ q.T, q @ np.diag(var_b) @ q.T
     closed = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
-    assert metrics.frechet_distance_from_moments(mu_a, cov_a, mu_b, cov_b) == pytest.approx(closed, rel=1e-10)
+    got = metrics.frechet_distance_from_moments(mu_a, cov_a, mu_b, cov_b)
+    assert got == pytest.approx(closed, rel=1e-10)
 
     # Non-commuting 2×2: for a 2×2 PSD M, tr √M = √(tr M + 2 √det M), with M ~ C_a C_b.
     cov_a = np.array([[2.0, 0.8], [0.8, 1.0]])
     cov_b = np.array([[0.5, -0.3], [-0.3, 1.5]])
-    tr_sqrt = np.sqrt(np.trace(cov_a @ cov_b) + 2 * np.sqrt(np.linalg.det(cov_a) * np.linalg.det(cov_b)))
+    det = np.linalg.det(cov_a) * np.linalg.det(cov_b)
+    tr_sqrt = np.sqrt(np.trace(cov_a @ cov_b) + 2 * np.sqrt(det))
     closed = 1.0 + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt
     got = metrics.frechet_distance_from_moments([1.0, 0.0], cov_a, [0.0, 0.0], cov_b)
     assert got == pytest.approx(closed, rel=1e-12)
@@ -95,7 +100,8 @@ def inception_score_entropy_form(probs, splits):
     """IS = exp(H(p(y)) − E_x H(p(y|x))): the mutual-information form, via scipy.stats.entropy."""
     scores = []
     for part in np.array_split(probs, splits):
-        scores.append(np.exp(stats.entropy(part.mean(0)) - np.mean([stats.entropy(p) for p in part])))
+        mean_entropy = np.mean([stats.entropy(p) for p in part])
+        scores.append(np.exp(stats.entropy(part.mean(0)) - mean_entropy))
     return np.mean(scores), np.std(scores)
 
 
@@ -112,8 +118,9 @@ def test_inception_score_known_cases():
     k = 7
     uniform = np.full((700, k), 1.0 / k)
     assert metrics.inception_score(uniform, splits=10) == pytest.approx((1.0, 0.0), abs=1e-12)
-    one_hot = np.eye(k)[np.tile(np.arange(k), 100)]  # each split of 70 rows holds every class 10 times
-    mean, std = metrics.inception_score(torch.from_numpy(one_hot).float(), splits=10, shuffle_seed=None)
+    one_hot = np.eye(k)[np.tile(np.arange(k), 100)]  # each split of 70 rows: every class 10 times
+    mean, std = metrics.inception_score(torch.from_numpy(one_hot).float(), splits=10,
+                                        shuffle_seed=None)
     assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     one_class = np.eye(k)[np.zeros(700, dtype=int)]  # confident but never diverse
     assert metrics.inception_score(one_class, splits=10)[0] == pytest.approx(1.0, abs=1e-12)
@@ -124,7 +131,8 @@ def test_inception_score_does_not_depend_on_sample_order():
     scores 1. The default fixed shuffle must give about K, as for well-mixed samples."""
     k, n = 10, 1000
     sorted_one_hot = torch.from_numpy(np.eye(k)[np.repeat(np.arange(k), n // k)])
-    assert metrics.inception_score(sorted_one_hot, splits=10, shuffle_seed=None)[0] == pytest.approx(1.0)
+    in_order = metrics.inception_score(sorted_one_hot, splits=10, shuffle_seed=None)[0]
+    assert in_order == pytest.approx(1.0)
     mean, _ = metrics.inception_score(sorted_one_hot, splits=10)
     assert mean > 0.9 * k  # random chunks of 100 are nearly balanced: exp(H(p(y))) ≈ K
     reordered = sorted_one_hot[torch.randperm(n, generator=torch.Generator().manual_seed(5))]
@@ -134,14 +142,15 @@ def test_inception_score_does_not_depend_on_sample_order():
 def test_classifier_shapes_and_outputs():
     torch.manual_seed(0)
     for in_channels, size in [(1, 28), (1, 8), (3, 32)]:
-        clf = metrics.Classifier(in_channels=in_channels, image_size=size)
+        clf = metric_nets.Classifier(in_channels=in_channels, image_size=size)
         images = torch.randint(0, 256, (5, in_channels, size, size), dtype=torch.uint8)
         assert clf(images.float() / 127.5 - 1).shape == (5, 10)
         feats, probs = metrics.classifier_outputs(clf, images, batch_size=2)
         assert feats.shape == (5, 128) and probs.shape == (5, 10)
         assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-6)
         # floats in [-1, 1] are quantised to uint8 first: the same images give the same outputs
-        assert torch.allclose(metrics.classifier_probs(clf, images.float() / 127.5 - 1), probs, atol=1e-6)
+        x = images.float() / 127.5 - 1
+        assert torch.allclose(metrics.classifier_probs(clf, x), probs, atol=1e-6)
 
 
 def test_classifier_train_save_load_and_mnist_metrics(tmp_path):
@@ -151,28 +160,51 @@ def test_classifier_train_save_load_and_mnist_metrics(tmp_path):
     images = torch.randint(0, 60, (64, 1, 12, 12), generator=g).to(torch.uint8)
     images[labels == 0, :, :6] += 180
     images[labels == 1, :, 6:] += 180
-    clf = metrics.train_classifier(images, labels, epochs=8, batch_size=16, lr=3e-3, max_shift=1,
-                                   log=lambda s: None)
+    clf = metric_nets.train_classifier(images, labels, epochs=8, batch_size=16, lr=3e-3,
+                                       max_shift=1, log=lambda s: None)
     assert metrics.accuracy(clf, images, labels) > 0.9
     path = tmp_path / "clf.pt"
-    metrics.save_classifier(clf, str(path), dataset="toy", test_accuracy=1.0)
+    metric_nets.save_classifier(clf, str(path), dataset="toy", test_accuracy=1.0)
     torch.load(path, weights_only=True)  # plain tensors and values only
-    loaded = metrics.load_classifier(str(path))
-    assert torch.equal(metrics.classifier_probs(loaded, images), metrics.classifier_probs(clf, images))
-    out = metrics.classifier_metrics(loaded, images, labels, metrics.classifier_features(loaded, images), splits=4)
+    loaded = metric_nets.load_classifier(str(path))
+    probs = metrics.classifier_probs(clf, images)
+    assert torch.equal(metrics.classifier_probs(loaded, images), probs)
+    ref_feats = metrics.classifier_features(loaded, images)
+    out = metrics.classifier_metrics(loaded, images, labels, ref_feats, splits=4)
     assert set(out) == {"fid", "is", "is_std", "accuracy"}
     assert abs(out["fid"]) < 1e-6 and out["accuracy"] > 0.9 and 1.0 <= out["is"] <= 2.0 + 1e-9
-    with pytest.raises(metrics.CheckpointError, match="train-classifier"):
-        metrics.load_classifier(str(tmp_path / "missing.pt"))
+    with pytest.raises(metric_nets.CheckpointError, match="train-classifier"):
+        metric_nets.load_classifier(str(tmp_path / "missing.pt"))
 
 
 def test_missing_torch_fidelity_message(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # import now raises ImportError
+    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # import: ImportError
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         metrics.cifar10_metrics(torch.zeros(10, 3, 32, 32, dtype=torch.uint8))
-    assert metrics.main(["cifar10", "--npz", str(tmp_path / "samples.npz"), "--inception"]) == 2
+    with pytest.raises(SystemExit) as exit:
+        metrics.main(["cifar10", "--npz", str(tmp_path / "samples.npz"), "--inception"])
+    assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pip install torch-fidelity" in err
+    assert err.count("\n") == 0 and err.startswith("metrics.py: ")
+    assert "pip install torch-fidelity" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["mnist", "--npz", "s.npz", "--holdout", "-1"], "--holdout: must be 0 or more, got -1"),
+    (["train-classifier", "--epochs", "0"], "--epochs: must be positive, got 0"),
+    (["train-classifier", "--lr", "nan"], "--lr: must be positive, got nan"),
+    (["cifar10", "--npz", "s.npz", "--batch-size", "x"], "--batch-size: invalid int value: 'x'"),
+    (["cifar10"], "required: --npz (see python metrics.py cifar10 --help)"),
+    (["mnist", "--npz", "s.npz", "--dataset", "cifar10"], "invalid choice: 'cifar10'"),
+    (["mnist", "--npz", "s.npz", "--device", "cuda:99"], "--device cuda"),
+    (["score"], "invalid choice: 'score'"),
+])
+def test_argument_errors_are_one_line_and_exit_code_2(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit:
+        metrics.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metrics.py: error: ") and err.count("\n") == 1 and expected in err, err
 
 
 def test_load_samples_npz_reads_sample_py_layout(tmp_path):
@@ -195,12 +227,14 @@ def test_split_holdout_keeps_the_last_images_of_each_class_out():
     import data
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (200,), generator=g)
-    images = torch.arange(200, dtype=torch.uint8).reshape(200, 1, 1, 1)  # image i holds the number i
+    images = torch.arange(200, dtype=torch.uint8).reshape(200, 1, 1, 1)  # image i holds number i
     train_x, train_y, held_x, held_y = data.split_holdout(images, labels, 5)
-    expected_held = sorted(i for c in range(4) for i in [j for j in range(200) if labels[j] == c][-5:])
+    of_class = [[j for j in range(200) if labels[j] == c] for c in range(4)]
+    expected_held = sorted(i for members in of_class for i in members[-5:])
     assert sorted(held_x.flatten().tolist()) == expected_held
     assert sorted(train_x.flatten().tolist()) == sorted(set(range(200)) - set(expected_held))
-    assert torch.equal(held_y, labels[held_x.flatten().long()]) and torch.equal(train_y, labels[train_x.flatten().long()])
+    assert torch.equal(held_y, labels[held_x.flatten().long()])
+    assert torch.equal(train_y, labels[train_x.flatten().long()])
     assert data.split_holdout(images, labels, 0)[0].shape[0] == 200
     with pytest.raises(data.DataError, match="cannot hold out"):
         data.split_holdout(images, labels, 100)
@@ -209,7 +243,8 @@ def test_split_holdout_keeps_the_last_images_of_each_class_out():
 def test_reference_and_floor_are_disjoint_halves():
     images, labels = torch.arange(11).reshape(11, 1, 1, 1), torch.arange(11) % 3
     (ref_x, ref_y), (floor_x, floor_y) = metrics.reference_and_floor(images, labels)
-    assert ref_x.flatten().tolist() == [0, 2, 4, 6, 8, 10] and floor_x.flatten().tolist() == [1, 3, 5, 7, 9]
+    assert ref_x.flatten().tolist() == [0, 2, 4, 6, 8, 10]
+    assert floor_x.flatten().tolist() == [1, 3, 5, 7, 9]
     assert torch.equal(ref_y, labels[0::2]) and torch.equal(floor_y, labels[1::2])
 
 
@@ -217,7 +252,8 @@ def test_nearest_distances_match_a_brute_force_search():
     rng = np.random.default_rng(0)
     a = torch.from_numpy(rng.integers(0, 256, (7, 1, 4, 4), dtype=np.uint8))
     b = torch.from_numpy(rng.integers(0, 256, (9, 1, 4, 4), dtype=np.uint8))
-    xa, xb = a.double().flatten(1).numpy() / 127.5 - 1, b.double().flatten(1).numpy() / 127.5 - 1
+    xa, xb = (t.double().flatten(1).numpy() / 127.5 - 1 for t in (a, b))
     expected = [min(np.sqrt(((x - y) ** 2).sum()) for y in xb) for x in xa]
-    np.testing.assert_allclose(metrics.nearest_distances(a, b, batch_size=3).numpy(), expected, rtol=1e-6)  # float32 pixels
+    got = metrics.nearest_distances(a, b, batch_size=3).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)  # float32 pixels
     assert metrics.nearest_distances(a, a).abs().max() < 1e-6  # every image is its own nearest

@@ -92,7 +92,7 @@ def classifier_guided_eps(model, z, logsnr, labels, w, state=None, *,
         "uncond":  ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)   (their scale s = 1 + w)
         "cond":    ε̂ = ε_θ(z_λ, c) − w σ_λ ∇_z log p_φ(c | z_λ)     (the paper's form)
 
-    classifier: a trained p_φ(c | z_λ) (classifier.py), forward(z, logsnr) ->
+    classifier: a trained p_φ(c | z_λ) (noisy_classifier.py), forward(z, logsnr) ->
     logits, in eval mode. With exact scores and classifier both are CFG's ε̃
     (Bayes: ∇ log p^i(c | z_λ) = −(ε(z_λ, c) − ε(z_λ))/σ_λ). Only ε_θ's one
     pass runs where the factor (1 + w, or w) is 0 everywhere."""

@@ -12,7 +12,7 @@ a "classifier IS" and the class accuracy of conditional samples.
 These are NOT Inception: their numbers depend on the network and its training run and compare only
 with each other, within this project (same classifier file), never with published FID/IS. Nor are
 they classifier guidance's p_φ(c | z_λ), which sees noised images: that is model.NoisyClassifier,
-trained by classifier.py. These see clean images only.
+trained by noisy_classifier.py. These see clean images only.
 
 A file (`save_classifier`) records its "arch" and config; files without an "arch" hold a Classifier.
     python metrics.py train-classifier --dataset mnist --data-dir DIR     # out/classifier/mnist.pt

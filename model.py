@@ -9,7 +9,7 @@ residual block; self-attention at the configured resolutions; skips from every d
 
 `UNetConfig(strength_input=True)` adds guidance-free training's input β (train.gft_loss), whose
 last layer starts at zero; off, the network is exactly the paper's. `NoisyClassifier` is
-p_φ(c | z_λ) of classifier guidance (classifier.py): the same encoder and a pooled head. The
+p_φ(c | z_λ) of classifier guidance (noisy_classifier.py): the same encoder and a pooled head. The
 named configurations and their recipes are in presets.py.
 
     net = UNet(UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4)))
@@ -256,7 +256,7 @@ class UNet(Encoder):
 
 
 class NoisyClassifier(Encoder):
-    """p_φ(c | z_λ) for classifier guidance (guidance.classifier_guided_eps; classifier.py):
+    """p_φ(c | z_λ) for classifier guidance (guidance.classifier_guided_eps; noisy_classifier.py):
     forward(z, logsnr) -> logits (B, num_classes), whose log_softmax is log p_φ(c | z_λ).
 
     ADM's design at this scale: the U-Net's encoder (conditioned on λ, without a label), then
@@ -275,7 +275,7 @@ class NoisyClassifier(Encoder):
         return self.head(h)  # (B, num_classes)
 
 
-# A checkpoint's networks by its "network" entry (train.py: unet, classifier.py: classifier).
+# A checkpoint's networks by its "network" entry (train.py: unet, noisy_classifier.py: classifier).
 NETWORKS = {"unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
 
 
@@ -298,7 +298,7 @@ def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True; raise CheckpointError with a one-line reason."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path, or train one "
-                              "(train.py, classifier.py)")
+                              "(train.py, noisy_classifier.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -306,11 +306,11 @@ def load_checkpoint(path, map_location="cpu"):
         if "Unsupported global" in str(e) or "Unsupported class" in str(e):
             raise CheckpointError(f"{path} holds pickled Python objects, not only tensors; "
                                   "refusing to load it (only load checkpoints this project "
-                                  "wrote: train.py, classifier.py)") from None
+                                  "wrote: train.py, noisy_classifier.py)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                               f"{type(e).__name__}); use an intact copy or train again") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "ema" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of train.py or classifier.py "
+        raise CheckpointError(f"{path} is not a checkpoint of train.py or noisy_classifier.py "
                               "(no 'config' or 'ema' entry)")
     return ckpt
 
@@ -338,11 +338,11 @@ def model_from_checkpoint(ckpt, weights="ema"):
 
 def load_model(path, map_location="cpu"):
     """(the network with its EMA weights, in eval mode, the checkpoint dict) from a file of
-    train.py or classifier.py; else CheckpointError, one line (no pickled code runs)."""
+    train.py or noisy_classifier.py; else CheckpointError, one line (no pickled code runs)."""
     ckpt = load_checkpoint(path, map_location)
     try:
         return model_from_checkpoint(ckpt).eval(), ckpt
     except (RuntimeError, KeyError, TypeError) as e:  # a config that does not match its weights
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config "
                               f"({type(e).__name__}); use the checkpoint as train.py or "
-                              "classifier.py wrote it") from None
+                              "noisy_classifier.py wrote it") from None

@@ -4,11 +4,11 @@
     preset = PRESETS["mnist"]
     UNet(preset.network)             # the U-Net (model.UNetConfig)
     preset.recipe.lr                 # train.py's settings (a flag given on the command line wins)
-    NoisyClassifier(preset.guide)    # p_φ of classifier guidance (classifier.py: guide_recipe)
+    NoisyClassifier(preset.guide)    # p_φ (noisy_classifier.py trains it with guide_recipe)
 
-train.py (--preset), classifier.py, bench.py (--presets) and scripts/recipe_search.py read them; a
-dataset names the preset it trains with by default (data.DATASETS). A new preset is one entry here.
-How each was chosen and what it measures: docs/results.md.
+train.py (--preset), noisy_classifier.py, bench.py (--presets) and scripts/recipe_search.py read
+them; a dataset names the preset it trains with by default (data.DATASETS). A new preset is one
+entry here. How each was chosen and what it measures: docs/results.md.
 
     python presets.py                # every preset's network size
 """
@@ -35,7 +35,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class GuideRecipe:
-    """classifier.py's settings for p_φ: AdamW, learning rate annealed linearly to 0 (ADM)."""
+    """noisy_classifier.py's settings for p_φ: AdamW, learning rate annealed linearly to 0 (ADM)."""
     batch_size: int
     lr: float
     max_steps: int

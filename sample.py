@@ -314,7 +314,8 @@ def bind_rule(name, pairs, guide):
     if network is not None:
         if not isinstance(guide, network[1]):
             found = type(guide).__name__ if guide is not None else "nothing"
-            script = "classifier.py" if network[1] is model_lib.NoisyClassifier else "train.py"
+            is_classifier = network[1] is model_lib.NoisyClassifier
+            script = "noisy_classifier.py" if is_classifier else "train.py"
             raise ValueError(f"--guidance {name} needs --guide-ckpt with a "
                              f"{network[1].__name__} ({script}), got {found}")
         kwargs[network[0]] = guide
@@ -383,7 +384,7 @@ def main(argv=None):
     p.add_argument("--guidance", choices=list(guidance_lib.RULES), default="cfg",
                    help="line 3's rule (guidance.py), on the paper's w (default: cfg, the paper's)")
     p.add_argument("--guide-ckpt", help="the rule's second network: a noisy classifier "
-                   "(classifier.py) or, for autoguidance, a worse model (train.py)")
+                   "(noisy_classifier.py) or, for autoguidance, a worse model (train.py)")
     p.add_argument("--guidance-param", "-p", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"the rule's parameters (defaults: {rules_help()})")
     p.error = fail

@@ -276,7 +276,7 @@ def main():
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
                    help="02, 03: p_uncond ablation checkpoints")
     p.add_argument("--classifier-ckpt",
-                   help="04: the noise-conditional classifier (classifier.py)")
+                   help="04: the noise-conditional classifier (noisy_classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT",
                    help="05: autoguidance's bad models")
     p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py "

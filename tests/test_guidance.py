@@ -1,5 +1,5 @@
 """guidance.py's rules against independent references (classifier guidance:
-test_classifier.py; every rule on every sampler: test_lift_out.py). The paper's rule against
+test_noisy_classifier.py; every rule on every sampler: test_lift_out.py). The paper's rule against
 separate network calls; each later rule against its published formula in float64 numpy on
 a stand-in network with random per-label weights (TableEps). Network calls counted; w = 0
 is the conditional model for all but CFG++. The command line for each rule (the library's

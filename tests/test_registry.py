@@ -1,6 +1,6 @@
 """A new dataset is one data.DATASETS entry and a new preset one presets.PRESETS entry: added here
 (a 3-class, 12×12 dataset in the official IDX format, and a network and recipe for it), train.py,
-classifier.py (p_φ) and bench.py's flags take them with nothing else changed."""
+noisy_classifier.py (p_φ) and bench.py's flags take them with nothing else changed."""
 import dataclasses
 import hashlib
 import os
@@ -11,8 +11,8 @@ import torch
 from official_formats import idx_gz
 
 import bench
-import classifier
 import data
+import noisy_classifier
 import presets
 import train
 from model import ClassifierConfig, UNetConfig, load_checkpoint
@@ -78,11 +78,11 @@ def test_train_py_trains_a_new_dataset_with_its_new_preset(toy):
 def test_classifier_py_trains_p_phi_of_the_new_preset(toy):
     root, _, preset = toy
     out = root / "p_phi"
-    classifier.main(["--dataset", "toy", "--data-dir", str(root), "--out-dir", str(out)])
+    noisy_classifier.main(["--dataset", "toy", "--data-dir", str(root), "--out-dir", str(out)])
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["network"] == "classifier" and ckpt["step"] == preset.guide_recipe.max_steps
     assert ckpt["config"] == dataclasses.asdict(preset.guide)
-    assert len(ckpt["band_accuracy"]) == len(classifier.BANDS)
+    assert len(ckpt["band_accuracy"]) == len(noisy_classifier.BANDS)
 
 
 def test_a_preset_is_found_for_the_images_it_fits(toy):

@@ -12,8 +12,8 @@ recipe the dataset's preset's `guide` (presets.py). Cross-entropy on z_λ ~ q(z_
 the diffusion model's training density, AdamW with the rate annealed to 0, an EMA of the weights;
 accuracy is reported per band of λ on held-out images (metrics.load_splits).
 
-    python classifier.py --dataset digits          # offline, minutes on a CPU
-    python classifier.py --dataset mnist --data-dir DIR   # -> out/classifier-noisy/mnist/ckpt.pt
+    python noisy_classifier.py --dataset digits          # offline, minutes on a CPU
+    python noisy_classifier.py --dataset mnist --data-dir DIR  # out/classifier-noisy/mnist/ckpt.pt
     python sample.py --ckpt out/mnist/ckpt.pt --guidance classifier \
         --guide-ckpt out/classifier-noisy/mnist/ckpt.pt --w 0 1 3
 """
@@ -37,7 +37,7 @@ from presets import PRESETS
 from schedule import q_sample
 from train import epoch_permutation, random_flips, sample_logsnr, step_seed, update_ema
 
-fail = functools.partial(cli.fail, prog="classifier.py")
+fail = functools.partial(cli.fail, prog="noisy_classifier.py")
 WEIGHT_DECAY = 0.05  # AdamW (ADM)
 EMA_DECAY = 0.9999  # ramped up as min(0.9999, (1 + step) / (10 + step)), as train.py's CPU presets
 NO_TEST_SPLIT_HOLDOUT = 20  # images per class held out for the report, without a test split
@@ -81,7 +81,8 @@ def band_accuracy(classifier, images, labels, bands=BANDS, seed=0, batch_size=50
 
 def parse_args(argv=None):
     recipes = [f"{name}: {PRESETS[d.preset].guide_recipe}" for name, d in data.DATASETS.items()]
-    p = cli.parser("classifier.py", __doc__, epilog="Recipes (presets.py): " + "; ".join(recipes))
+    p = cli.parser("noisy_classifier.py", __doc__,
+                   epilog="Recipes (presets.py): " + "; ".join(recipes))
     positive = cli.number(int, 1)
     p.add_argument("--dataset", default="digits", choices=list(data.DATASETS))
     p.add_argument("--data-dir", default="./data", help="where data.py finds the files")
@@ -141,7 +142,7 @@ def main(argv=None):
     ema = copy.deepcopy(classifier).requires_grad_(False)  # the weights that guidance uses
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     n_params = sum(p.numel() for p in classifier.parameters()) / 1e6
-    print(f"classifier.py: {args.dataset}, {len(labels)} training images "
+    print(f"noisy_classifier.py: {args.dataset}, {len(labels)} training images "
           f"{tuple(images.shape[1:])}, held out: {splits['held_name']}; NoisyClassifier "
           f"{n_params:.2f}M parameters, device {device}\n"
           + "\n".join(f"  {k:12s} {v}" for k, v in vars(args).items()))
@@ -179,7 +180,7 @@ def main(argv=None):
             if not math.isfinite(mean_loss):
                 kept = (f"the last good checkpoint {ckpt_path} is untouched"
                         if os.path.exists(ckpt_path) else "nothing was saved")
-                print(f"classifier.py: error: the loss became {mean_loss} by step {done}; "
+                print(f"noisy_classifier.py: error: the loss became {mean_loss} by step {done}; "
                       f"stopped, and {kept} (lower --lr)", file=sys.stderr)
                 sys.exit(1)
             seconds = time.time() - start
@@ -196,7 +197,7 @@ def main(argv=None):
     for (lo, hi), acc in zip(BANDS, accuracies):
         print(f"  λ in [{lo:3d}, {hi:3d}{')' if hi < 20 else ']'}  {acc:.3f}")
     seconds = time.time() - start
-    print(f"classifier.py: {args.max_steps} steps in {seconds:.0f} s; saved {ckpt_path}")
+    print(f"noisy_classifier.py: {args.max_steps} steps in {seconds:.0f} s; saved {ckpt_path}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""classifier.py and classifier guidance against independent references.
+"""noisy_classifier.py and classifier guidance against independent references.
 
 - The identity of the paper's section 3, on a three-class 2-D Gaussian mixture with a shared
   full covariance: the exact classifier log p(c | z_λ) (solved with the full Σ_λ),
@@ -7,7 +7,7 @@
   41 λ, several w, both bases; then every sampler gives the same samples with either rule.
 - The autograd gradient through the real NoisyClassifier against central differences, float64.
 - The rule plugs into every sampler with the real networks.
-- band_accuracy against a stub of known accuracy; the classifier.py script (20 steps) and its
+- band_accuracy against a stub of known accuracy; the noisy_classifier.py script (20 steps) and its
   bad inputs; sample.py --guidance classifier against the library call, and its errors.
 """
 import dataclasses
@@ -22,9 +22,9 @@ import torch
 from conftest import assert_one_line_exit_2
 from test_sample import MixtureEps
 
-import classifier as C
 import guidance as G
 import model as M
+import noisy_classifier as C
 import sample as SM
 from presets import PRESETS
 
@@ -218,11 +218,11 @@ def test_band_accuracy_draws_logsnr_in_each_band_and_counts_hits():
     assert (z - 1).abs().max() < 0.5
 
 
-# ---------------------------------------------------------------- classifier.py: the script
+# ---------------------------------------------------------------- noisy_classifier.py: the script
 
 
 def run_classifier(args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, "classifier.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(REPO, "noisy_classifier.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
@@ -280,7 +280,7 @@ def test_script_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, a
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "ckpt.pt").write_text("")
     argv = ["--dataset", "digits", "--max-steps", "1", *[a.format(tmp=tmp_path) for a in argv]]
-    err = assert_one_line_exit_2(C.main, argv, capsys, "classifier.py: error:")
+    err = assert_one_line_exit_2(C.main, argv, capsys, "noisy_classifier.py: error:")
     assert word in err, err
 
 
@@ -315,7 +315,7 @@ def ckpts(tmp_path_factory):
 
 
 CLF = ["--guidance", "classifier", "--guide-ckpt"]
-NEEDS = "needs --guide-ckpt with a NoisyClassifier (classifier.py), got"
+NEEDS = "needs --guide-ckpt with a NoisyClassifier (noisy_classifier.py), got"
 BAD_SAMPLE = [
     (["--guidance", "classifier"], f"{NEEDS} nothing"),
     (["--guide-ckpt", "{d}/clf.pt"], "--guide-ckpt goes with a rule that takes a second network"),

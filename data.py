@@ -372,8 +372,7 @@ def load_dataset(name, data_dir="./data", train=True, image_size=32, channels=No
 
 
 if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser("data.py", __doc__)
     p.add_argument("dataset", choices=names())
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--test", action="store_true", help="load the test split, not the training one")
@@ -383,7 +382,7 @@ if __name__ == "__main__":
         images, labels = load_dataset(args.dataset, args.data_dir, not args.test, args.image_size)
         classes = class_names(args.dataset, args.data_dir)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        cli.fail(str(e), "data.py")
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     print(f"{args.dataset}: images {tuple(images.shape)} {images.dtype}, values "
           f"{images.min()}..{images.max()}, images per class {dict(zip(classes, counts))}")

@@ -15,7 +15,6 @@ seconds. The real-data floor at the same count is printed and stored with the re
 and skips cells already there, so it can be split across processes (one thread each) and
 resumed.
 """
-import argparse
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 import fast_cpu  # noqa: E402
 import metrics  # noqa: E402
 from model import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -138,7 +138,7 @@ def report(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser("sampler_study.py", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--ckpt", required=True)

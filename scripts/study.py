@@ -18,7 +18,6 @@ Every cell uses sample.py's noise: image (class c, index j) starts from the nois
 images with the project's metrics classifier against held-out real images
 (metrics.load_splits) and gives the real-data floor at the same count.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -269,7 +268,7 @@ def number(text):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser("study.py", __doc__)
     p.add_argument("study", choices=["02", "03", "04", "05", "06"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)

@@ -128,10 +128,10 @@ def _read_idx(path, ndim):
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
-def _check_labels(labels):
-    """Labels must be class indices 0..9."""
-    if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
-        raise _BadFile(f"labels outside 0..9 ({labels.min()}..{labels.max()})")
+def _check_labels(labels, num_classes=10):
+    """Labels must be class indices 0..num_classes − 1."""
+    if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise _BadFile(f"labels outside 0..{num_classes - 1} ({labels.min()}..{labels.max()})")
     return labels
 
 
@@ -173,22 +173,23 @@ def _read_cifar10(path, train):
     return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
 
 
-def _read_idx_pair(get, train, files):
+def _read_idx_pair(get, train, dataset):
     """The IDX images and labels files of one split -> uint8 (N, 1, H, W), int64 (N,)."""
-    (images_file, _), (labels_file, _) = files
+    (images_file, _), (labels_file, _) = dataset.files[train]
+    n = len(dataset.classes)
     images = get(images_file, lambda path: _read_idx(path, 3))  # (N, H, W)
-    labels = get(labels_file, lambda path: _check_labels(_read_idx(path, 1)))  # (N,)
+    labels = get(labels_file, lambda path: _check_labels(_read_idx(path, 1), n))  # (N,)
     if len(images) != len(labels):
         raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds "
                         f"{len(labels)} labels: they come from different sets; replace one")
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_cifar10_archive(get, train, files):
-    return get(files[0][0], lambda path: _read_cifar10(path, train))
+def _read_cifar10_archive(get, train, dataset):
+    return get(dataset.files[train][0][0], lambda path: _read_cifar10(path, train))
 
 
-def _load_sklearn_digits(get, train, files):
+def _load_sklearn_digits(get, train, dataset):
     """scikit-learn's 8×8 digits: pixel values 0..16 become round(v · 255 / 16)."""
     if not train:
         raise DataError("digits has no test split: hold out some of its 1,797 training images")
@@ -198,7 +199,7 @@ def _load_sklearn_digits(get, train, files):
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(digits.target.astype(np.int64))
 
 
-# How a dataset's files are read: reader(get, train, files), get(file, read) -> read(local path)
+# How a dataset's files are read: reader(get, train, dataset), get(file, read) -> read(local path)
 READERS = {"idx": _read_idx_pair, "cifar10-archive": _read_cifar10_archive,
            "sklearn-digits": _load_sklearn_digits}
 
@@ -290,7 +291,7 @@ def _load_files(dataset, data_dir, train):
     def get(file, read):
         return _read_or_fetch(os.path.join(folder, file), base + file, md5s[file], read, hint)
 
-    return READERS[dataset.reader](get, train, split)
+    return READERS[dataset.reader](get, train, dataset)
 
 
 def _check_classes(split_dir, found, expected, how, fix):

@@ -6,8 +6,9 @@ Label i is the i-th class folder in sorted order. PNG or JPEG, RGB or grayscale;
 not square at the size asked for is centre-cropped and resized. Decoding opens every file, so the
 result is cached outside the data folder (which may be read-only): in $CFG_CACHE_DIR, else
 $XDG_CACHE_HOME/cfg-diffusion, else ~/.cache/cfg-diffusion, keyed by the files' paths, sizes and
-times, so a changed, added or removed file is decoded afresh. data.py reads `imagefolder` and
-CIFAR-10 as JPEG files through it. Errors are one-line DataErrors that say what to do.
+times, so a changed, added or removed file is decoded afresh. data.py reads `imagefolder`, and
+any dataset entry with `image_folder=True` (CIFAR-10 as JPEG files), through it. Errors are
+one-line DataErrors that say what to do.
 """
 import hashlib
 import os

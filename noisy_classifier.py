@@ -6,7 +6,7 @@ one, p^i(c | z_λ) ∝ p(z_λ | c) / p(z_λ), on the paper's w axis (guidance.cl
     ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)     base "uncond" (Dhariwal & Nichol, s = 1 + w)
     ε̂ = ε_θ(z_λ, c) − w σ_λ ∇_z log p_φ(c | z_λ)           base "cond" (the paper's equation)
 
-With exact scores and the exact classifier both equal CFG's ε̃ (tests/test_classifier.py). The
+With exact scores and the exact classifier both equal CFG's ε̃ (tests/test_noisy_classifier.py). The
 network is model.NoisyClassifier (ADM's: the U-Net's encoder and a pooled head), its size and
 recipe the dataset's preset's `guide` (presets.py). Cross-entropy on z_λ ~ q(z_λ | x) with λ from
 the diffusion model's training density, AdamW with the rate annealed to 0, an EMA of the weights;
@@ -101,6 +101,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     dataset = data.DATASETS[args.dataset]
     recipe = PRESETS[dataset.preset].guide_recipe
+    if recipe is None:
+        fail(f"preset {dataset.preset} (of {args.dataset}) has no p_φ: give it a guide and a "
+             "guide_recipe in presets.py")
     for field in dataclasses.fields(recipe):
         if getattr(args, field.name) is None:
             setattr(args, field.name, getattr(recipe, field.name))
@@ -154,9 +157,9 @@ def main(argv=None):
                          "band_accuracy": accuracies}, ckpt_path)
 
     # -------------------------------------------------------------- the loop
-    # Not train.py's loop nor metrics.py's: p_φ sees noised z_λ with per-step seeds like train.py,
-    # but no label dropout, no warm-up and a linearly annealed rate; the metric networks see clean
-    # images in epochs. One loop for the three would be a loop of switches.
+    # Not train.py's loop nor metric_nets.py's (_fit): p_φ sees noised z_λ with per-step seeds
+    # like train.py, but no label dropout, no warm-up and a linearly annealed rate; the metric
+    # networks see clean images in epochs. One loop for the three would be a loop of switches.
     start, running, last_log = time.time(), 0.0, 0
     for step in range(args.max_steps):
         torch.manual_seed(step_seed(args.seed, step, 0))  # λ, ε and flips of this step

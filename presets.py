@@ -26,7 +26,7 @@ class Recipe:
     max_steps: int
     grad_clip: float = 1.0  # on the gradient norm
     ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)); DDPM: no
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) (CPU presets)
     log_every: int = 100  # steps between loss readings (the only GPU syncs)
     ckpt_every: int = 500
     sample_every: int = 1000  # steps between preview grids
@@ -54,7 +54,7 @@ class Preset:
 
 # Deviation from the paper (the CPU presets): a 5-10x larger learning rate, a short warm-up and
 # the EMA ramp, so that minutes on a CPU already give good samples; previews at T = 64, not 256.
-CPU_RECIPE = Recipe(batch_size=64, lr=2e-3, warmup_steps=100, max_steps=4000)
+CPU_RECIPE = Recipe(batch_size=64, lr=2e-3, warmup_steps=100, max_steps=4000, ema_warmup=True)
 
 _PRESETS = [
     # 8×8 scikit-learn digits: recognisable samples after minutes on a CPU.
@@ -79,8 +79,8 @@ _PRESETS = [
     Preset("cifar10",
            UNetConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
                       num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
-           Recipe(batch_size=128, lr=2e-4, warmup_steps=5000, max_steps=800_000, ema_warmup=False,
-                  ckpt_every=5000, sample_every=20_000, sample_steps=256),
+           Recipe(batch_size=128, lr=2e-4, warmup_steps=5000, max_steps=800_000, ckpt_every=5000,
+                  sample_every=20_000, sample_steps=256),
            ClassifierConfig(image_size=32, in_channels=3, channels=128, channel_mult=(1, 2, 2, 2),
                             num_res_blocks=2, attention_resolutions=(16,)),
            GuideRecipe(batch_size=256, lr=3e-4, max_steps=300_000, log_every=1000,
@@ -112,7 +112,7 @@ def fit_config(config, image_size, in_channels, num_classes):
     levels = zip(level_sizes(config.image_size), level_sizes(image_size))
     attention = tuple(new for old, new in levels if old in config.attention_resolutions)
     return replace(config, image_size=image_size, in_channels=in_channels,
-                               num_classes=num_classes, attention_resolutions=attention)
+                   num_classes=num_classes, attention_resolutions=attention)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ Ho & Salimans, "Classifier-Free Diffusion Guidance" (arXiv 2207.12598), Algorith
            else z_{t+1} = x̃_t
     7: return z_{T+1}
 
-`sample` is the loop, written once with no branch on a name: line 3's rule is one
-of guidance.RULES, line 5's step ("could be replaced by another sampler, e.g.
-DDIM") one of SAMPLERS, and λ_t sit at evenly spaced u of the "cosine" schedule
-(the paper's) or a "uniform" one. Deviation from the paper: x̃ is clipped to
-[−1, 1] by default, as in DDPM and ADM (--clip none: as written; --clip p:
-Imagen's dynamic thresholding). From the project it imports only schedule.py,
-model.py and guidance.py: the four files lift out together.
+`sample` is the loop, written once with no branch on a name: line 3's rule is one of
+guidance.RULES, line 5's step ("could be replaced by another sampler, e.g. DDIM") one of
+SAMPLERS; λ_t sit at evenly spaced u of the "cosine" schedule (the paper's) or a "uniform" one.
+Deviation from the paper: x̃ is clipped to [−1, 1] by default, as in DDPM and ADM (--clip none:
+as written; --clip p: Imagen's dynamic thresholding). It imports schedule.py, model.py and
+guidance.py (and fast_cpu.py where present): the four files lift out together.
 
     python sample.py --ckpt out/mnist/ckpt.pt --w 0 1 4 --classes 0-9 --out samples.png
     python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m-sde    # 24 steps
@@ -125,6 +124,11 @@ def logsnr_steps(steps, spacing="cosine"):
     return schedule.logsnr_schedule(torch.linspace(1, 0, steps, dtype=torch.float64), spacing)
 
 
+def noise_seed(seed, c, j):
+    """The seed of image j of class c: its noise, whatever the w, batch or process count."""
+    return int(np.random.SeedSequence([seed, c, j]).generate_state(1)[0])
+
+
 def _randn(shape, generator, device):
     """N(0, I) of `shape`; with a list of generators, row i is drawn from generator i alone."""
     if isinstance(generator, (list, tuple)):
@@ -137,15 +141,14 @@ def _randn(shape, generator, device):
 @torch.no_grad()
 def sample(model, labels, w, steps=None, sampler="ancestral", spacing=None, v=0.3, clip_x=True,
            guidance=guided_eps, shape=None, generator=None, progress=None):
-    """Algorithm 2 with the given step (one of SAMPLERS) and rule: one sample x̃ per label.
+    """Algorithm 2 with a step of SAMPLERS and a rule: x̃ per label, (B, *shape) float32.
 
-    labels: (B,) long, on the sampling device. w: a number or (B,). steps, spacing: T and
-    the λ spacing (default: the sampler's). v ∈ [0, 1]: line 5's blend. clip_x: True
-    clips x̃ to [−1, 1], False leaves it (the paper), a float p in (0, 1] is dynamic
-    thresholding. guidance: line 3's rule, given a fresh `state` dict per run. shape: one
-    sample's (default: model.config's). generator: a torch.Generator or a list of B (row
-    i then depends on generator i alone). progress: True for a tqdm bar, or progress(t, T)
-    after each step. Returns (B, *shape) float32."""
+    labels: (B,) long, on the sampling device. w: a number or (B,). steps, spacing: T and the
+    λ spacing (default: the sampler's). v ∈ [0, 1]: line 5's blend. clip_x: True clips x̃ to
+    [−1, 1], False leaves it (the paper), a float p in (0, 1] is dynamic thresholding. guidance:
+    line 3's rule, given a fresh `state` dict per run. shape: one sample's (default:
+    model.config's). generator: a torch.Generator or a list of B (row i then depends on
+    generator i alone). progress: True for a tqdm bar, or progress(t, T) after each step."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     sampler = SAMPLERS[sampler]
@@ -436,8 +439,7 @@ def main(argv=None):
     # j): the same images whatever --batch-size or process count, the same noise per w.
     grid = [(w, c, j) for w in args.w for c in classes for j in range(args.n_per_class)]
     ws, labels = torch.tensor([w for w, _, _ in grid]), torch.tensor([c for _, c, _ in grid])
-    seeds = [int(np.random.SeedSequence([args.seed, c, j]).generate_state(1)[0])
-             for _, c, j in grid]
+    seeds = [noise_seed(args.seed, c, j) for _, c, j in grid]
     mine = list(range(rank, len(grid), world_size))  # this process's images
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     steps = args.steps or SAMPLERS[args.sampler]["steps"]

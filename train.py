@@ -265,7 +265,7 @@ def resume_check(args, ckpt_path):
              f"{args.dataset!r}: pass --dataset {stored.get('dataset')} or another --out-dir")
     if int(os.environ.get("RANK", 0)) == 0:
         for k, v in stored.items():
-            if k not in ("resume", "device", "amp", "compile") and getattr(args, k, v) != v:
+            if k not in ("resume", "device", "amp", "compile", "json") and getattr(args, k, v) != v:
                 print(f"train.py: note: --{k.replace('_', '-')} was {v} in the checkpoint, "
                       f"now {getattr(args, k)}")
     return ckpt
@@ -292,11 +292,11 @@ def draw_preview(ema, png_path, class_names, steps, guidance_free=False):
     of seed (0, c, 0) every time, so that grids compare across steps; an error line, or None."""
     num_classes, device = len(class_names), next(ema.parameters()).device
     rule = guidance.RULES["guidance-free" if guidance_free else "cfg"]
-    seeds = [np.random.SeedSequence([0, c, 0]).generate_state(1)[0] for c in range(num_classes)]
+    seeds = [sample.noise_seed(0, c, 0) for c in range(num_classes)]
     labels = torch.arange(num_classes, device=device)
     try:
         rows = [sample.sample(ema, labels, w, steps, guidance=rule,
-                              generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
+                              generator=[torch.Generator().manual_seed(s) for s in seeds])
                 for w in PREVIEW_W]
         grid = torch.stack(rows)[:, :, None].cpu()  # (rows, classes, 1, C, H, W)
         sample.save_grid(grid, png_path, [f"w = {w:g}" for w in PREVIEW_W], list(class_names))

@@ -114,10 +114,11 @@ def train_until(config, flags, dataset, data_dir, out, steps):
 
 
 def evaluate(ckpt_path, clf, ref_feats, n, ws, sampler, steps, seed=0):
-    """FID / IS / accuracy (the metrics classifier) of n samples (n/10 a class) per w, with the
+    """FID / IS / accuracy (the metrics classifier) of n samples (n/K a class) per w, with the
     same noise for every checkpoint."""
     model = model_from_checkpoint(load_checkpoint(ckpt_path), "ema").eval()
-    labels = torch.arange(10).repeat_interleave(n // 10)
+    k = model.config.num_classes
+    labels = torch.arange(k).repeat_interleave(n // k)
     results = {}
     for w in ws:
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -219,11 +220,12 @@ def time_candidates(args):
         g = torch.Generator().manual_seed(0)
         batch, size = train_args.batch_size, shape["image_size"]
         x = torch.rand(batch, shape["in_channels"], size, size, generator=g) * 2 - 1
-        labels = torch.randint(0, 10, (batch,), generator=g)
+        k = shape["num_classes"]
+        labels = torch.randint(0, k, (batch,), generator=g)
         seconds = []
         for step in range(25):  # 5 warm-up steps, then the median of 20
             start = time.perf_counter()
-            train.train_step(net, ema, optimizer, x, labels, 10, step, train_args)
+            train.train_step(net, ema, optimizer, x, labels, k, step, train_args)
             seconds.append(time.perf_counter() - start)
         threads = torch.get_num_threads()
         timings[name] = dict(ms_per_step=1000 * sorted(seconds[5:])[10], threads=threads)

@@ -75,7 +75,7 @@ def test_train_py_trains_a_new_dataset_with_its_new_preset(toy):
     assert (out / "samples_0000003.png").stat().st_size > 0  # the preview, three rows of three
 
 
-def test_classifier_py_trains_p_phi_of_the_new_preset(toy):
+def test_noisy_classifier_py_trains_p_phi_of_the_new_preset(toy):
     root, _, preset = toy
     out = root / "p_phi"
     noisy_classifier.main(["--dataset", "toy", "--data-dir", str(root), "--out-dir", str(out)])

@@ -8,6 +8,7 @@ checks that rank 0 alone wrote the outputs (one npz, one grid, no temporary file
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_sample_ddp.py
 """
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -62,17 +63,19 @@ def test_two_processes_write_the_single_process_npz(ckpt, tmp_path, sampler):
     for name, launcher in (("ddp", torchrun), ("single", [sys.executable])):
         folder = tmp_path / name
         folder.mkdir()
-        outputs = ["--out", str(folder / "grid.png"), "--npz", str(folder / "samples.npz")]
+        outputs = ["--out", str(folder / "grid.png"), "--npz", str(folder / "samples.npz"),
+                   "--json", str(tmp_path / f"{name}.json")]
         proc = subprocess.run([*launcher, "sample.py", *args, *outputs], cwd=REPO,
                               capture_output=True, text=True, env=ONE_THREAD, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # Only rank 0 writes: one grid, one npz, no temporary files left by either rank.
         assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "samples.npz"]
-        runs[name] = proc.stdout, np.load(folder / "samples.npz")
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        runs[name] = result, np.load(folder / "samples.npz")
 
     (ddp_out, ddp), (single_out, single) = runs["ddp"], runs["single"]
-    assert "18 images" in ddp_out and "on 2 process(es)" in ddp_out, ddp_out
-    assert "on 1 process(es)" in single_out, single_out
+    assert (ddp_out["images"], ddp_out["processes"]) == (18, 2), ddp_out
+    assert (single_out["images"], single_out["processes"]) == (18, 1), single_out
     assert sorted(ddp.files) == sorted(single.files) == ["images", "labels", "w"]
     for key in ("images", "labels", "w"):
         assert ddp[key].dtype == single[key].dtype and ddp[key].shape == single[key].shape

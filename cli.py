@@ -118,8 +118,9 @@ def lock_out_dir(out_dir, lock_file, prog):
     """Hold out_dir for this process's life: (the open lock file, None), or (None, an error line).
 
     An exclusive flock on out_dir/lock_file, which holds this process's PID for the message another
-    run gets. The OS releases it however the process ends (kill -9 too), so it is never stale; the
-    file stays (removing it could let two runs lock two different files)."""
+    run gets. The OS releases it however the process ends (kill -9 too), so it is never stale; a
+    run that finishes removes the file (release_out_dir). A lock taken on a file that was removed
+    meanwhile is taken again on the new one, so two runs never hold two different files."""
     path = os.path.join(out_dir, lock_file)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -129,6 +130,10 @@ def lock_out_dir(out_dir, lock_file, prog):
         return None, f"cannot write to --out-dir {out_dir}: {e.strerror}; choose a writable folder"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.exists(path) or not os.path.samestat(os.fstat(lock.fileno()),
+                                                            os.stat(path)):
+            lock.close()  # its holder removed it as it finished: lock the file there now
+            return lock_out_dir(out_dir, lock_file, prog)
     except OSError as e:
         lock.seek(0)
         holder = lock.read().strip()  # empty only while the holder is between flock and write
@@ -143,6 +148,12 @@ def lock_out_dir(out_dir, lock_file, prog):
     lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock, None
+
+
+def release_out_dir(lock):
+    """The end of a finished run: remove the lock file, then let go of it."""
+    os.remove(lock.name)
+    lock.close()
 
 
 class StopRequest:

@@ -105,6 +105,7 @@ SAMPLERS = {
     "dpmpp2m-sde": dict(step=dpmpp2m_sde_step, spacing="uniform", steps=24, noise=True),
 }
 FAST_SAMPLER = "dpmpp2m-sde"  # the few-step choice, guided and unguided
+GRID_PER_CLASS = 2  # images per class in the PNG, so that a grid of ten classes reads on a screen
 
 
 # ---------------- line 4: x̃ kept in the data range
@@ -353,9 +354,10 @@ def check_same_data(guide, guide_ckpt, model, ckpt, path):
 
 
 def check_writable(*paths):
-    """Each given output path can be written (a probe file beside it), else fail."""
+    """Each given output path can be written (its folder made, a probe file), else fail."""
     for path in filter(None, paths):
         try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             open(f"{path}.tmp{os.getpid()}", "wb").close()
             os.remove(f"{path}.tmp{os.getpid()}")
         except OSError as e:
@@ -378,7 +380,8 @@ def main(argv=None):
                    help="x̃ clipped to [-1, 1] (fixed: default, a deviation), left as it is "
                    "(none: the paper) or Imagen's dynamic thresholding at percentile P")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", default=os.path.join("out", "samples.png"), help="the PNG: a row "
+                   f"per w, a column per class, {GRID_PER_CLASS} images each at most (npz: all)")
     p.add_argument("--npz", default=None, help="also write uint8 images (N, H, W, C), labels, w")
     p.add_argument("--json", metavar="PATH", help="also write the run's summary as JSON")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (per process)")
@@ -435,8 +438,7 @@ def main(argv=None):
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
-    # Image (w, class, j) draws its noise from its own generator, seeded by (seed, class,
-    # j): the same images whatever --batch-size or process count, the same noise per w.
+    # Image (w, class, j) draws its noise from its own generator (noise_seed).
     grid = [(w, c, j) for w in args.w for c in classes for j in range(args.n_per_class)]
     ws, labels = torch.tensor([w for w, _, _ in grid]), torch.tensor([c for _, c, _ in grid])
     seeds = [noise_seed(args.seed, c, j) for _, c, j in grid]
@@ -444,8 +446,7 @@ def main(argv=None):
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     steps = args.steps or SAMPLERS[args.sampler]["steps"]
     from tqdm import tqdm  # the library does not need it
-    bar = tqdm(total=len(batches) * steps, desc=f"{len(grid)} images",
-               disable=None if rank == 0 else True)
+    bar = tqdm(total=len(batches) * steps, desc=f"{len(grid)} images", disable=rank != 0 or None)
     start, images = time.time(), {}  # image index -> uint8 (C, H, W)
     try:
         for batch in batches:
@@ -469,14 +470,13 @@ def main(argv=None):
     images = torch.stack([images[i] for i in range(len(grid))])  # (N, C, H, W) uint8
 
     names = ckpt.get("class_names") or [str(c) for c in range(model.config.num_classes)]
-    params = " ".join(args.guidance_param)
-    params += f" {os.path.basename(args.guide_ckpt)}" if args.guide_ckpt else ""
+    params = " ".join(args.guidance_param + [os.path.basename(args.guide_ckpt or "")])
     title = (f"{ckpt.get('args', {}).get('dataset', '')} {args.sampler}, T = {steps}"
              + (f", v = {args.v}" if args.sampler == "ancestral" else "")
              + f", guidance {args.guidance} {params}"
              + (f", dynamic threshold p = {args.clip:g}" if isinstance(args.clip, float) else ""))
     cells = images.float().reshape(len(args.w), len(classes), args.n_per_class,
-                                   *images.shape[1:]) / 127.5 - 1  # (rows, cols, n, C, H, W)
+                                   *images.shape[1:])[:, :, :GRID_PER_CLASS] / 127.5 - 1
     try:
         save_grid(cells, args.out, [f"w = {w:g}" for w in args.w],
                   [names[c] for c in classes], title.strip())

@@ -24,7 +24,7 @@ e), so a resumed run, however the first one ended (kill -9 too), ends with the s
     python train.py --dataset mnist --guidance-free     # GFT's loss (gft_loss) in place of line 7
 
 Writes to --out-dir (default out/<dataset>): ckpt.pt, samples_<step>.png (rows w = 0, 1, 3, one
-column per class, the same noise every time), loss.png, and train.lock (held while a run lives).
+column per class, the same noise every time), loss.png, and train.lock while a run lives.
 """
 import argparse
 import copy
@@ -144,7 +144,6 @@ def gft_loss(model, x, labels, null_label, p_uncond=0.1, schedule="cosine", gene
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # line 5
     z = q_sample(x, logsnr, eps)  # line 6
     beta = sample_beta(x.shape[0], beta_min, generator, x.device)  # (B,)
-
     was_training = model.training  # sg[ε_s(z_λ, ∅, 1)]: no dropout, no gradient
     model.eval()
     try:
@@ -292,12 +291,11 @@ def draw_preview(ema, png_path, class_names, steps, guidance_free=False):
     of seed (0, c, 0) every time, so that grids compare across steps; an error line, or None."""
     num_classes, device = len(class_names), next(ema.parameters()).device
     rule = guidance.RULES["guidance-free" if guidance_free else "cfg"]
-    seeds = [sample.noise_seed(0, c, 0) for c in range(num_classes)]
     labels = torch.arange(num_classes, device=device)
     try:
-        rows = [sample.sample(ema, labels, w, steps, guidance=rule,
-                              generator=[torch.Generator().manual_seed(s) for s in seeds])
-                for w in PREVIEW_W]
+        rows = [sample.sample(ema, labels, w, steps, guidance=rule, generator=[
+            torch.Generator().manual_seed(sample.noise_seed(0, c, 0)) for c in range(num_classes)])
+            for w in PREVIEW_W]
         grid = torch.stack(rows)[:, :, None].cpu()  # (rows, classes, 1, C, H, W)
         sample.save_grid(grid, png_path, [f"w = {w:g}" for w in PREVIEW_W], list(class_names))
     except (OSError, ValueError, RuntimeError) as e:
@@ -467,14 +465,15 @@ def main(argv=None):
             png = os.path.join(args.out_dir, f"samples_{done:07d}.png")
             error = draw_preview(ema, png, classes, args.sample_steps, args.guidance_free)
             if error:
-                tqdm.write(f"train.py: warning: no preview grid at step {done} ({error}); "
-                           "training goes on", file=sys.stderr)
+                tqdm.write(f"train.py: warning: no preview grid at step {done} ({error})",
+                           file=sys.stderr)  # training goes on
         if stop:
             bar.close()
             if rank == 0:
                 plot_losses(losses[:done].cpu(), os.path.join(args.out_dir, "loss.png"))
                 print(f"train.py: stopped at step {done}; saved {ckpt_path}. To continue, run the "
                       "same command with --resume", file=sys.stderr)
+                cli.release_out_dir(lock)
             sys.exit(130)
         t_log = time.perf_counter()  # images/s counts training only, not saving or sampling
     bar.close()
@@ -492,6 +491,7 @@ def main(argv=None):
                 steps=done, steps_this_run=run, final_loss=last.item(), checkpoint=ckpt_path,
                 train_seconds=train_seconds, processes=world_size, batch_size=args.batch_size,
                 images_per_second=args.batch_size * run / train_seconds if run else None))
+        cli.release_out_dir(lock)
     if ddp:
         dist.destroy_process_group()
 

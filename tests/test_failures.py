@@ -181,7 +181,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_until_the_first_one_dies(tm
         _, stderr = third.communicate(timeout=120)
         assert third.returncode == 0, stderr
         assert ckpt_step(str(out / "ckpt.pt")) == 1
-        assert lock.read_text().startswith(f"{third.pid} ")
+        assert not lock.exists()  # a run that finished removed its lock file
     finally:
         for proc in (first, second, third):
             proc.kill()
@@ -199,7 +199,25 @@ def test_lock_out_dir_holds_while_the_file_is_open(tmp_path):
     held.close()
     again, error = cli.lock_out_dir(out, train.LOCK_FILE, "train.py")
     assert error is None
-    again.close()
+    cli.release_out_dir(again)  # a finished run: the file is gone
+    assert os.listdir(out) == []
+
+
+def test_a_lock_on_a_file_removed_meanwhile_is_taken_on_the_new_file(tmp_path, monkeypatch):
+    """The holder finished (removed the file) between this run's open and its flock: the lock
+    must be taken on the file at the path, or two runs could hold two different files."""
+    real, calls = cli.fcntl.flock, []
+
+    def flock(f, operation):
+        if not calls:
+            os.remove(f.name)  # the finishing holder
+        calls.append(f.name)
+        real(f, operation)
+    monkeypatch.setattr(cli.fcntl, "flock", flock)
+    lock, error = cli.lock_out_dir(str(tmp_path), train.LOCK_FILE, "train.py")
+    assert error is None and len(calls) == 2
+    assert os.path.samestat(os.fstat(lock.fileno()), os.stat(tmp_path / train.LOCK_FILE))
+    lock.close()
 
 
 @pytest.mark.slow

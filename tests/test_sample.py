@@ -419,7 +419,7 @@ BAD = [  # (arguments, a word the message must contain)
     (["--n-per-class", "0"], "--n-per-class"), (["--batch-size", "0"], "--batch-size"),
     (["--sampler", "euler"], "invalid choice"),
     (["--clip", "maybe"], "percentile p in (0, 1]"), (["--clip", "0"], "percentile p in (0, 1]"),
-    (["--out", "/nonexistent-dir/samples.png"], "cannot write"),
+    (["--out", "{d}/a_file/samples.png"], "cannot write"),
     (["--npz", "{d}/a_file/samples.npz"], "cannot write"),
     (["--json", "{d}/a_file/run.json"], "cannot write"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")])
@@ -462,6 +462,18 @@ def test_good_run_writes_the_grid_and_the_npz(ckpts, tmp_path):
     assert np.abs(other - data["images"].astype(int)).max() <= 1
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["a.npz", "a.png", "b.npz", "b.png"]  # no temporary files left
+
+
+def test_default_picture_is_a_compact_grid_under_out(ckpts, tmp_path, monkeypatch):
+    """No --out: out/samples.png, a row per w and GRID_PER_CLASS images per class (under
+    ~1,500 px for ten classes); the npz keeps every image."""
+    monkeypatch.chdir(tmp_path)
+    SM.main(["--ckpt", f"{ckpts}/good.pt", "--w", "0", "1", "3", "--n-per-class", "8",
+             "--steps", "2", "--npz", "all.npz"])
+    png = imread(tmp_path / "out" / "samples.png")
+    assert png.shape[1] < 1500 and png.shape[0] < png.shape[1]
+    assert np.load(tmp_path / "all.npz")["images"].shape[0] == 3 * 10 * 8
+    assert SM.GRID_PER_CLASS <= 3
 
 
 def test_json_reports_the_run_as_asked(ckpts, tmp_path, capsys):

@@ -64,8 +64,8 @@ PROBES = {
     "01_implicit_classifier.ipynb": """dict(
         identity=relative.max(), losses=losses,
         curl=max(e.abs().max().item() for e, _ in curl_maps.values()),
-        mean_error=[(samples[0.0][labels == c].mean(0) - (log_pi.exp()[comp_class == c, None]
-                     * comp_mean[comp_class == c]).sum(0)).abs().max().item()
+        mean_error=[(samples[0.0][labels == c].mean(0) - (toy.LOG_PI.exp()[toy.COMP_CLASS == c,
+                     None] * toy.COMP_MEAN[toy.COMP_CLASS == c]).sum(0)).abs().max().item()
                     for c in range(NUM_CLASSES)],
         finite=[x.isfinite().all().item() for x in samples.values()])""",
     "02_mnist_tradeoff.ipynb": """dict(

@@ -12,6 +12,7 @@ be copied into another project alone.
 """
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -107,6 +108,15 @@ def atomic_write(path, write, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sha256(path):
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path, result):

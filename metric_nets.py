@@ -16,10 +16,12 @@ trained by noisy_classifier.py. These see clean images only.
 
 A file (`save_classifier`) records its "arch" and config; files without an "arch" hold a Classifier.
     python metrics.py train-classifier --dataset mnist --data-dir DIR     # out/classifier/mnist.pt
+Where none has been trained, `classifier_path` falls back to the shipped checkpoints/metrics-*.pt.
     python metrics.py train-classifier --dataset cifar10 --data-dir DIR [--device cuda]
 How long each takes, and the accuracy it reaches: docs/results.md.
 """
 import os
+import sys
 import time
 
 import torch
@@ -27,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import CheckpointError, save_checkpoint
+from model import SHIPPED_DIR, CheckpointError, checkpoint_path, save_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -234,6 +236,21 @@ TRAINING = {"Classifier": train_classifier, "CifarClassifier": train_cifar_class
 def default_classifier_path(dataset):
     """Where `train-classifier` saves and the notebooks look: <repo>/out/classifier/<dataset>.pt."""
     return os.path.join(REPO, "out", "classifier", f"{dataset}.pt")
+
+
+def classifier_path(dataset, given=None):
+    """The metrics classifier to use: `given` (a path, or a shipped model's name), else the one
+    `train-classifier` wrote, else the shipped checkpoints/metrics-<dataset>.pt (said on stderr),
+    else the trained one's path, whose absence load_classifier reports."""
+    if given:
+        return checkpoint_path(given)
+    trained, shipped = (default_classifier_path(dataset),
+                        os.path.join(SHIPPED_DIR, f"metrics-{dataset}.pt"))
+    if os.path.isfile(trained) or not os.path.isfile(shipped):
+        return trained
+    print(f"no classifier at {os.path.relpath(trained)}: using the shipped "
+          f"{os.path.relpath(shipped)} (checkpoints/README.md)", file=sys.stderr)
+    return shipped
 
 
 def save_classifier(clf, path, **info):

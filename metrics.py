@@ -29,7 +29,13 @@ import torch.nn.functional as F
 
 import cli
 import data
-from metric_nets import TRAINING, default_classifier_path, load_classifier, save_classifier
+from metric_nets import (
+    TRAINING,
+    classifier_path,
+    default_classifier_path,
+    load_classifier,
+    save_classifier,
+)
 
 fail = functools.partial(cli.fail, prog="metrics.py")
 
@@ -376,7 +382,7 @@ def _metrics_command(args):
                       lambda x, y: cifar10_metrics(x, args.batch_size, args.device))
         return dict(what=what, rows=rows, real=None)
     images, labels, ws = load_samples_npz(args.npz)
-    clf = load_classifier(args.classifier or default_classifier_path(args.dataset),
+    clf = load_classifier(classifier_path(args.dataset, args.classifier),
                           dataset=args.dataset)
     splits = load_splits(args.dataset, args.data_dir, args.holdout)
     entry, source = data.DATASETS[args.dataset], ""
@@ -438,7 +444,8 @@ def main(argv=None):
         else:  # one dataset, named in the output's title
             p.set_defaults(dataset="cifar10", title=title)
         p.add_argument("--data-dir", default="./data")
-        p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
+        p.add_argument("--classifier", default=None, help="a file or a shipped name; default: "
+                       "out/classifier/<dataset>.pt, else the shipped metrics-<dataset>")
         p.add_argument("--holdout", type=count, default=None, help="as for train-classifier")
         p.add_argument("--device", default=None, help="default: cpu" + (
             " (with --inception: cuda if there is one)" if name == "cifar10" else ""))

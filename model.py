@@ -15,6 +15,7 @@ named configurations and their recipes are in presets.py.
     net = UNet(UNetConfig(image_size=28, in_channels=1, channels=16, channel_mult=(1, 2, 4)))
     eps = net(z, logsnr, labels)          # (B, C, H, W), (B,), (B,) long -> (B, C, H, W)
     net, ckpt = load_model("out/mnist/ckpt.pt")   # weights_only: no pickled code runs
+    net, ckpt = load_model("cifar10-cpu")         # a shipped model: checkpoints/cifar10-cpu.pt
 
 This file imports only torch and the standard library.
 """
@@ -294,11 +295,34 @@ def save_checkpoint(ckpt, path):
     os.replace(tmp, path)
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+
+
+def shipped_names():
+    """The names of the trained models in checkpoints/ beside this file (none if it is absent)."""
+    if not os.path.isdir(SHIPPED_DIR):
+        return []
+    return sorted(f[:-3] for f in os.listdir(SHIPPED_DIR) if f.endswith(".pt"))
+
+
+def checkpoint_path(path):
+    """`path` itself where it is a file, else checkpoints/<path>.pt where `path` names a shipped
+    model, else `path` unchanged (so that reading it gives the usual error)."""
+    shipped = os.path.join(SHIPPED_DIR, f"{path}.pt")
+    if os.path.isfile(path) or os.sep in path or not os.path.isfile(shipped):
+        return path
+    return shipped
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint with weights_only=True; raise CheckpointError with a one-line reason."""
+    """Read a checkpoint (a path, or the name of a shipped model) with weights_only=True; raise
+    CheckpointError with a one-line reason."""
+    path = checkpoint_path(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one "
-                              "(train.py, noisy_classifier.py)")
+        names = ", ".join(shipped_names())
+        raise CheckpointError(f"no checkpoint at {path}: check the path, "
+                              + (f"name a shipped model ({names}), " if names else "")
+                              + "or train one (train.py, noisy_classifier.py)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -338,7 +362,8 @@ def model_from_checkpoint(ckpt, weights="ema"):
 
 def load_model(path, map_location="cpu"):
     """(the network with its EMA weights, in eval mode, the checkpoint dict) from a file of
-    train.py or noisy_classifier.py; else CheckpointError, one line (no pickled code runs)."""
+    train.py or noisy_classifier.py, or a shipped model's name; else CheckpointError, one line
+    (no pickled code runs)."""
     ckpt = load_checkpoint(path, map_location)
     try:
         return model_from_checkpoint(ckpt).eval(), ckpt

@@ -170,7 +170,7 @@ def train_candidates(args):
 def evaluate_milestones(args):
     """Score each milestone of trained.jsonl not yet in results.jsonl at this sampler and w."""
     fast_cpu.keep_freed_memory()  # this process only samples, as sample.py
-    clf = metrics.load_classifier(args.classifier or metrics.default_classifier_path(args.dataset))
+    clf = metrics.load_classifier(metrics.classifier_path(args.dataset, args.classifier))
     splits = metrics.load_splits(args.dataset, args.data_dir)
     (ref_x, _), (floor_x, floor_y) = metrics.reference_and_floor(*splits["held"])
     ref_feats = metrics.classifier_features(clf, ref_x)
@@ -310,7 +310,8 @@ def main():
     p.add_argument("--sampler", default=FAST_SAMPLER)
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the sampler's)")
-    p.add_argument("--classifier", default=None, help="default: out/classifier/<dataset>.pt")
+    p.add_argument("--classifier", default=None, help="a file or a shipped name; default: "
+                       "out/classifier/<dataset>.pt, else the shipped metrics-<dataset>")
     p.add_argument("--out", default=os.path.join(REPO, "out", "recipes"))
     p.add_argument("--report-w", type=float, nargs="+", default=[0.0],
                    help="report: the w of the table and plot")

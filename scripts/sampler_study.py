@@ -55,7 +55,7 @@ def run(args):
     fast_cpu.keep_freed_memory()  # as sample.py's command line
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, "ema").eval()
-    clf = metrics.load_classifier(args.classifier or metrics.default_classifier_path("mnist"))
+    clf = metrics.load_classifier(metrics.classifier_path("mnist", args.classifier))
     splits = metrics.load_splits("mnist", args.data_dir, ckpt["args"].get("holdout"))
     (ref_x, _), (floor_x, floor_y) = metrics.reference_and_floor(*splits["held"])
     ref_feats = metrics.classifier_features(clf, ref_x)

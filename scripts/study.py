@@ -18,7 +18,6 @@ Every cell uses sample.py's noise: image (class c, index j) starts from the nois
 images with the project's metrics classifier against held-out real images
 (metrics.load_splits) and gives the real-data floor at the same count.
 """
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ sys.path.insert(0, REPO)
 
 import cli  # noqa: E402
 import metrics  # noqa: E402
+from model import checkpoint_path  # noqa: E402
 from sample import FAST_SAMPLER  # noqa: E402
 
 OUT = os.path.join(REPO, "out", "studies")
@@ -46,17 +46,11 @@ def load_cell(npz):
     return images, labels, torch.round(ws.double() * 1e6) / 1e6
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_files(argv):
-    """{argument: SHA-256} of the arguments of a command that are files (its checkpoints)."""
-    return {a: sha256(a) for a in argv if os.path.isfile(a)}
+    """{argument: SHA-256} of the arguments of a command that are files or shipped models' names
+    (its checkpoints)."""
+    files = {a: checkpoint_path(a) for a in argv}
+    return {a: cli.sha256(path) for a, path in files.items() if os.path.isfile(path)}
 
 
 def run_cell(name, argv, out_dir=OUT):
@@ -96,7 +90,7 @@ class Scorer:
     """FID / IS / class accuracy by the project's metrics classifier, against held-out reals."""
 
     def __init__(self, dataset, data_dir, classifier=None, holdout=None):
-        path = classifier or metrics.default_classifier_path(dataset)
+        path = metrics.classifier_path(dataset, classifier)
         self.clf = metrics.load_classifier(path)
         self.splits = metrics.load_splits(dataset, data_dir, holdout)
         (ref_x, _), self.floor_pool = metrics.reference_and_floor(*self.splits["held"])

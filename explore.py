@@ -135,11 +135,11 @@ def show_images(ax, images, ncol, title=None):
         ax.set_title(title)
 
 
-def digits_panel(w=0.0, c=3, n=16, name="digits"):
+def digits_panel(w=0.0, c=3, n=12, name="digits"):
     """n samples of class c at w from the shipped digits model (24 steps): returns the images."""
     model, ckpt = shipped(name)
     images = samples(model, [c], w, n)
-    fig, ax = plt.subplots(figsize=(6, 1.2))
+    fig, ax = plt.subplots(figsize=(0.75 * n, 1.1))
     show_images(ax, images, n, f"{ckpt['class_names'][c]}, w = {w:g}")
     plt.show()
     return images

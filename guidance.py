@@ -251,7 +251,16 @@ def cfgpp_eps(model, z, logsnr, labels, w, state=None):
 
     Returns (ε̃, ε_θ(z_λ, ∅)): sample.sample takes the pair on the ddim step only.
     w = −1 is DDIM on the unconditional model; w = 0 is not the conditional one
-    (ε_∅ still re-noises). Both ε are evaluated at every w."""
+    (ε_∅ still re-noises). Both ε are evaluated at every w.
+
+    Its strength grows with the number of steps T. Written against DDIM on ε̃,
+        z_λ′ = [α_λ′ x̃ + σ_λ′ ε̃]  +  σ_λ′ γ (ε_θ(z_λ, ∅) − ε_θ(z_λ, c)),
+    every step adds a change of order one that does not shrink with λ′ − λ, where
+    DDIM's own change does: T steps add T of them, so CFG++ has no limit as T grows
+    (tests/test_toy.py: on exact scores it drifts from p(x | c) as T goes from 10 to
+    256, where DDIM converges). γ is a strength per step, not a point on one
+    trade-off curve: results hold for the T they were measured at. sample.py
+    runs it at its paper's T (sample.RULE_STEPS: 50) unless --steps says."""
     outside = w_outside(w, lambda w: (w >= -1) & (w <= 0))
     if outside:
         raise ValueError(f"cfgpp takes w = γ − 1 in [-1, 0] (CFG++'s scale γ in [0, 1]), "

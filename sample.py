@@ -18,15 +18,16 @@ Deviation from the paper: x̃ is clipped to [−1, 1] by default, as in DDPM and
 as written; --clip p: Imagen's dynamic thresholding). It imports schedule.py, model.py and
 guidance.py (and fast_cpu.py where present): the four files lift out together.
 
-    python sample.py --ckpt out/mnist/ckpt.pt --w 0 1 4 --classes 0-9 --out samples.png
+    python sample.py --ckpt cifar10-cpu --w 0 1 2 4 --out grid.png   # a shipped model, or a path
     python sample.py --ckpt out/mnist/ckpt.pt --sampler dpmpp2m-sde    # 24 steps
     python sample.py --ckpt ... --guidance interval -p logsnr_lo=-4 logsnr_hi=0
-    python sample.py --ckpt ... --guidance classifier --guide-ckpt CLASSIFIER.pt
+    python sample.py --ckpt ... --guidance classifier --guide-ckpt noisy-classifier-mnist-4k
     python sample.py --ckpt ... --npz samples.npz --json run.json    # for programs
     torchrun --nproc_per_node=4 sample.py --ckpt ... --npz samples.npz
 """
 import argparse
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -105,6 +106,7 @@ SAMPLERS = {
     "dpmpp2m-sde": dict(step=dpmpp2m_sde_step, spacing="uniform", steps=24, noise=True),
 }
 FAST_SAMPLER = "dpmpp2m-sde"  # the few-step choice, guided and unguided
+RULE_STEPS = {"cfgpp": 50}  # a rule's T unless --steps: CFG++ grows with T (its paper's code: 50)
 GRID_PER_CLASS = 2  # images per class in the PNG, so that a grid of ten classes reads on a screen
 
 
@@ -366,7 +368,8 @@ def check_writable(*paths):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint of train.py (its EMA weights)")
+    p.add_argument("--ckpt", required=True, help="checkpoint of train.py (EMA weights used) or a "
+                   "shipped model's name (checkpoints/README.md)")
     p.add_argument("--w", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0],
                    help="guidance strengths, the paper's w (0: no guidance; default 0 0.5 1 2 4)")
     p.add_argument("--classes", default="all", help="'all', a range '0-9' or a list '3,5,7'")
@@ -374,7 +377,8 @@ def main(argv=None):
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ancestral",
                    help=f"line 5's step (default ancestral, the paper's; fast: {FAST_SAMPLER})")
     per_sampler = ", ".join(f"{k} {d['steps']}" for k, d in SAMPLERS.items())
-    p.add_argument("--steps", type=int, help=f"T (default per sampler: {per_sampler}; paper: 256)")
+    p.add_argument("--steps", type=int, help=f"T (default per sampler: {per_sampler}; paper: 256; "
+                   f"--guidance cfgpp: {RULE_STEPS['cfgpp']}, as its strength grows with T)")
     p.add_argument("--v", type=float, default=0.3, help="ancestral's variance blend (paper: 0.3)")
     p.add_argument("--clip", type=parse_clip, default=True, metavar="{fixed,none,P}",
                    help="x̃ clipped to [-1, 1] (fixed: default, a deviation), left as it is "
@@ -389,8 +393,8 @@ def main(argv=None):
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--guidance", choices=list(guidance_lib.RULES), default="cfg",
                    help="line 3's rule (guidance.py), on the paper's w (default: cfg, the paper's)")
-    p.add_argument("--guide-ckpt", help="the rule's second network: a noisy classifier "
-                   "(noisy_classifier.py) or, for autoguidance, a worse model (train.py)")
+    p.add_argument("--guide-ckpt", help="the rule's second network, a path or a shipped name: a "
+                   "noisy classifier (noisy_classifier.py); for autoguidance, a worse model")
     p.add_argument("--guidance-param", "-p", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"the rule's parameters (defaults: {rules_help()})")
     p.error = fail
@@ -420,12 +424,8 @@ def main(argv=None):
         fail(str(e))
     if guide is not None:
         check_same_data(guide, guide_ckpt, model, ckpt, args.guide_ckpt)
-    if args.device == "cpu":
-        try:  # this project's CPU speed setting (fast_cpu.py); a lifted-out copy runs without
-            import fast_cpu
-            fast_cpu.keep_freed_memory()
-        except ImportError:
-            pass
+    if args.device == "cpu" and importlib.util.find_spec("fast_cpu"):  # absent in a lifted-out copy
+        importlib.import_module("fast_cpu").keep_freed_memory()  # this project's CPU setting
 
     # Under torchrun the images are split across processes by index; rank 0 writes them.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -444,7 +444,7 @@ def main(argv=None):
     seeds = [noise_seed(args.seed, c, j) for _, c, j in grid]
     mine = list(range(rank, len(grid), world_size))  # this process's images
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    steps = args.steps or SAMPLERS[args.sampler]["steps"]
+    steps = args.steps or RULE_STEPS.get(args.guidance) or SAMPLERS[args.sampler]["steps"]
     from tqdm import tqdm  # the library does not need it
     bar = tqdm(total=len(batches) * steps, desc=f"{len(grid)} images", disable=rank != 0 or None)
     start, images = time.time(), {}  # image index -> uint8 (C, H, W)
@@ -468,7 +468,6 @@ def main(argv=None):
     if rank != 0:
         return
     images = torch.stack([images[i] for i in range(len(grid))])  # (N, C, H, W) uint8
-
     names = ckpt.get("class_names") or [str(c) for c in range(model.config.num_classes)]
     params = " ".join(args.guidance_param + [os.path.basename(args.guide_ckpt or "")])
     title = (f"{ckpt.get('args', {}).get('dataset', '')} {args.sampler}, T = {steps}"

@@ -1,0 +1,91 @@
+"""The exact toy (toy.py) against independent references, and what it shows about the rules:
+CFG and DDIM settle as the number of steps T grows, CFG++ does not."""
+import numpy as np
+import pytest
+import torch
+
+import guidance as G
+import sample as sample_lib
+import toy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def class_moments(c):
+    """Mean and covariance of p(x | c) from its components (law of total variance), float64."""
+    parts = [(w, torch.tensor(m, dtype=torch.float64), S) for k, w, m, S in toy.COMPONENTS
+             if k == c]
+    mean = sum(w * m for w, m, _ in parts)
+    cov = sum(w * (S + torch.outer(m - mean, m - mean)) for w, m, S in parts)
+    return mean, cov
+
+
+def frechet(x, mean, cov):
+    """Fréchet distance between the Gaussian fit of samples x (N, 2) and N(mean, cov), by scipy."""
+    import scipy.linalg
+    m, s = x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)
+    root = scipy.linalg.sqrtm(s @ cov.numpy()).real
+    return float(((m - mean.numpy()) ** 2).sum() + np.trace(s + cov.numpy() - 2 * root))
+
+
+def test_eps_exact_is_the_scaled_score_and_the_data_have_their_moments():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(50)  # the three classes and ∅
+    z = torch.randn(200, 2, generator=g, dtype=torch.float64) * 2
+    for lam in (-4.0, 0.0, 3.0):
+        logsnr = torch.full((200,), lam, dtype=torch.float64)
+        zg = z.clone().requires_grad_(True)
+        score, = torch.autograd.grad(toy.log_p(zg, logsnr, labels).sum(), zg)
+        sigma = torch.sigmoid(-logsnr).sqrt()[:, None]
+        assert torch.allclose(toy.eps_exact(z, logsnr, labels), -sigma * score, atol=1e-12)
+    for c in range(3):
+        x = toy.sample_data(torch.full((100_000,), c), torch.Generator().manual_seed(c))
+        mean, cov = class_moments(c)
+        assert torch.allclose(x.mean(0), mean, atol=0.01)
+        assert torch.allclose(torch.cov(x.T), cov, atol=0.015)
+
+
+def distances(w, steps, guidance, n=500):
+    """Fréchet distance to p(x | c), per class, of toy samples by the DDIM step at T = steps."""
+    labels = torch.arange(3).repeat_interleave(n)
+    x = sample_lib.sample(toy.ExactEps(), labels, w, steps, "ddim", clip_x=False, shape=(2,),
+                          guidance=guidance, generator=torch.Generator().manual_seed(0))
+    return [frechet(x[labels == c], *class_moments(c)) for c in range(3)]
+
+
+@pytest.mark.parametrize("w", [0.0, -0.5])
+def test_cfgpp_drifts_from_the_data_as_steps_grow_while_ddim_settles(w):
+    """At the same w (γ = 1 + w), CFG++ moves further from p(x | c) at every T from 10 to 256;
+    DDIM with CFG's ε̃ at w = 0 (the conditional model) comes closer. CFG++'s step is DDIM's
+    plus σ_λ′ γ (ε(z, ∅) − ε(z, c)), a change that does not shrink with the step."""
+    cfgpp = [max(distances(w, T, G.cfgpp_eps)) for T in (10, 50, 256)]
+    ddim = [max(distances(0.0, T, G.guided_eps)) for T in (10, 50, 256)]
+    assert cfgpp[0] < cfgpp[1] < cfgpp[2] and cfgpp[2] > 10 * cfgpp[0], cfgpp
+    assert ddim[0] > 5 * max(ddim[1:]) and ddim[2] < 0.005, ddim  # 500 a class: floor ~0.001
+
+
+def test_cfg_with_ddim_settles_as_steps_grow():
+    """Guided (w = 2) DDIM has a limit as T grows: T = 128 and 256 nearly agree, T = 10 does
+    not (its distance to the data differs from T = 256's ten times more)."""
+    far = {T: np.array(distances(2.0, T, G.guided_eps)) for T in (10, 128, 256)}
+    assert (abs(far[128] - far[256]) < 0.1 * abs(far[10] - far[256])).all(), far
+
+
+def test_sample_py_runs_cfgpp_at_its_own_steps_unless_told(tmp_path, capsys):
+    """The command line cannot silently give the large-T regime: --guidance cfgpp takes
+    sample.RULE_STEPS (its paper's 50) whatever the sampler's default, --steps overrides it, and
+    --help says so."""
+    import json
+
+    def steps_of(*extra):
+        out = tmp_path / "run.json"
+        sample_lib.main(["--ckpt", "digits", "--w", "-0.5", "--classes", "0", "--n-per-class",
+                         "1", "--out", str(tmp_path / "g.png"), "--json", str(out), *extra])
+        return json.loads(out.read_text())["steps"]
+
+    assert steps_of("--guidance", "cfgpp", "--sampler", "ddim") == 50
+    assert steps_of("--guidance", "cfgpp", "--sampler", "ddim", "--steps", "7") == 7
+    assert steps_of("--sampler", "ddim") == sample_lib.SAMPLERS["ddim"]["steps"]  # cfg: 256
+    with pytest.raises(SystemExit):
+        sample_lib.main(["--help"])
+    assert "cfgpp: 50" in " ".join(capsys.readouterr().out.split())

@@ -15,6 +15,7 @@ Sampling uses the fast sampler and sample.py's noise (image (c, j) from seed noi
 so moving w changes the guidance and nothing else.
 """
 import functools
+import inspect
 import time
 
 import matplotlib.pyplot as plt
@@ -29,11 +30,13 @@ import toy
 
 
 def slider(panel, **ranges):
-    """An ipywidgets slider per (low, high, step) range, redrawing `panel` on every move."""
+    """An ipywidgets slider per (low, high, step) range, starting at the panel's default, redrawing
+    `panel` on every move."""
     import ipywidgets
+    defaults = inspect.signature(panel).parameters
     controls = {name: (ipywidgets.FloatSlider if isinstance(step, float) else
-                       ipywidgets.IntSlider)(min=lo, max=hi, step=step, value=max(lo, min(hi, 0)),
-                                             continuous_update=False)
+                       ipywidgets.IntSlider)(min=lo, max=hi, step=step, continuous_update=False,
+                                             value=max(lo, min(hi, defaults[name].default)))
                 for name, (lo, hi, step) in ranges.items()}
     return ipywidgets.interactive(lambda **kw: panel(**kw) and None, **controls)
 
@@ -164,14 +167,15 @@ def live_study(name, ws=(0.0, 0.5, 1.0, 2.0, 4.0), per_class=10, data_dir=None,
     count too. Prints a table with the seconds each w took; returns {w: metrics, "floor": ...}."""
     model, ckpt = shipped(name)
     dataset = ckpt["args"]["dataset"]
-    clf = metrics.load_classifier(model_lib.checkpoint_path(f"metrics-{dataset}"), dataset=dataset)
+    clf = metrics.load_classifier(f"metrics-{dataset}", dataset=dataset)  # the shipped one
     ref_feats, floor_pool = None, None
     if data_dir is not None:
         held = metrics.load_splits(dataset, data_dir)["held"]
         (ref_x, _), floor_pool = metrics.reference_and_floor(*held)
         ref_feats = metrics.classifier_features(clf, ref_x)
-    labels, results = torch.arange(10).repeat_interleave(per_class), {}
-    print(f"{name}: {10 * per_class} samples per w, {sample_lib.FAST_SAMPLER}, scored by "
+    classes = range(model.config.num_classes)
+    labels, results = torch.arange(len(classes)).repeat_interleave(per_class), {}
+    print(f"{name}: {len(labels)} samples per w, {sample_lib.FAST_SAMPLER}, scored by "
           f"metrics-{dataset}" + ("" if data_dir else " (no data: FID left out)"))
     print(f"{'w':>6} {'accuracy':>9} {'IS':>6} {'FID':>7} {'seconds':>8}")
     for w in list(ws) + (["floor"] if data_dir else []):
@@ -179,7 +183,7 @@ def live_study(name, ws=(0.0, 0.5, 1.0, 2.0, 4.0), per_class=10, data_dir=None,
         if w == "floor":
             scores = metrics.real_floor(clf, *floor_pool, ref_feats, len(labels))
         else:
-            images = samples(model, range(10), w, per_class, guidance=guidance)
+            images = samples(model, classes, w, per_class, guidance=guidance)
             probs = metrics.classifier_probs(clf, images)
             scores = dict(accuracy=(probs.argmax(1) == labels).double().mean().item(),
                           **{"is": metrics.inception_score(probs)[0]})
@@ -202,11 +206,12 @@ def path_predictions(model, labels, w, steps=32, every=4, seed=0, from_logsnr=-1
     at the last: λ and the x̂ of ε_θ(z, c), of ε_θ(z, ∅) and of ε̃, each (B, C, H, W) in [−1, 1].
 
     Returns (final images, [(λ, x̂_cond, x̂_uncond, x̂_guided), ...])."""
-    record = []
+    record, steps = [], steps or sample_lib.SAMPLERS[sample_lib.FAST_SAMPLER]["steps"]
 
-    def rule(model, z, logsnr, labels, w, state=None):
+    def rule(model, z, logsnr, labels, w, state=None):  # CFG, keeping both of its predictions
         eps_c, eps_u = guidance_lib.cond_and_uncond_eps(model, z, logsnr, labels)
-        eps = guidance_lib.guided_eps(model, z, logsnr, labels, w, state)
+        w = schedule.per_example(w, z)
+        eps = (1 + w) * eps_c - w * eps_u  # Alg. 2, line 3
         lam = float(torch.as_tensor(logsnr).flatten()[0])
         state["n"] = state.get("n", -1) + 1
         last = state["n"] == steps - 1
@@ -216,8 +221,9 @@ def path_predictions(model, labels, w, steps=32, every=4, seed=0, from_logsnr=-1
                                   for e in (eps_c, eps_u, eps))))
         return eps
 
+    index = [int((labels[:i] == c).sum()) for i, c in enumerate(labels)]  # j within its class
     generators = [torch.Generator().manual_seed(sample_lib.noise_seed(seed, int(c), j))
-                  for j, c in enumerate(labels)]
+                  for c, j in zip(labels, index)]
     with torch.no_grad():
         x = sample_lib.sample(model, labels, w, steps, sample_lib.FAST_SAMPLER, guidance=rule,
                               generator=generators)

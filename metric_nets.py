@@ -16,8 +16,8 @@ trained by noisy_classifier.py. These see clean images only.
 
 A file (`save_classifier`) records its "arch" and config; files without an "arch" hold a Classifier.
     python metrics.py train-classifier --dataset mnist --data-dir DIR     # out/classifier/mnist.pt
-Where none has been trained, `classifier_path` falls back to the shipped checkpoints/metrics-*.pt.
     python metrics.py train-classifier --dataset cifar10 --data-dir DIR [--device cuda]
+Where none has been trained, `classifier_path` falls back to the shipped checkpoints/metrics-*.pt.
 How long each takes, and the accuracy it reaches: docs/results.md.
 """
 import os
@@ -269,6 +269,7 @@ def load_classifier(path, map_location="cpu", dataset=None):
     """
     train_hint = ("`python metrics.py train-classifier "
                   f"--dataset {dataset or 'mnist'} --data-dir DIR`")
+    path = checkpoint_path(path)  # a shipped classifier's name works as its path
     if not os.path.isfile(path):
         raise CheckpointError(f"no classifier at {path}: train one with {train_hint}")
     try:

@@ -306,12 +306,13 @@ def shipped_names():
 
 
 def checkpoint_path(path):
-    """`path` itself where it is a file, else checkpoints/<path>.pt where `path` names a shipped
-    model, else `path` unchanged (so that reading it gives the usual error)."""
-    shipped = os.path.join(SHIPPED_DIR, f"{path}.pt")
-    if os.path.isfile(path) or os.sep in path or not os.path.isfile(shipped):
-        return path
-    return shipped
+    """`path` itself where it is a file, else checkpoints/<path>.pt where `path` (with or without
+    .pt, no folder) names a shipped model, else `path` unchanged (reading it gives the error)."""
+    path = os.fspath(path)
+    name = path[:-3] if path.endswith(".pt") else path
+    shipped = os.path.join(SHIPPED_DIR, f"{name}.pt")
+    is_name = not any(sep and sep in path for sep in (os.sep, os.altsep))
+    return shipped if is_name and not os.path.isfile(path) and os.path.isfile(shipped) else path
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -47,9 +47,10 @@ def load_cell(npz):
 
 
 def input_files(argv):
-    """{argument: SHA-256} of the arguments of a command that are files or shipped models' names
-    (its checkpoints)."""
-    files = {a: checkpoint_path(a) for a in argv}
+    """{argument: SHA-256} of the arguments of a command that are files, or shipped models named
+    by --ckpt / --guide-ckpt (its checkpoints)."""
+    files = {a: checkpoint_path(a) if flag in ("--ckpt", "--guide-ckpt") else a
+             for flag, a in zip([None, *argv], argv)}
     return {a: cli.sha256(path) for a, path in files.items() if os.path.isfile(path)}
 
 

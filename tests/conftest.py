@@ -56,3 +56,20 @@ def shared_data(name, hint=""):
         pytest.skip(f"needs ../shared/data/{name} ({SHARED_DATASETS[name]}); not in this checkout"
                     + (f"; {hint}" if hint else ""))
     return path
+
+
+def judge(dataset):
+    """A classifier of `dataset`'s images that no diffusion model trained with: the shipped
+    metrics classifier, or for the 8×8 digits the nearest class mean of scikit-learn's images.
+    Returns images uint8 (N, C, H, W) -> predicted classes (N,)."""
+    if dataset == "digits":
+        import numpy as np
+        from sklearn.datasets import load_digits
+        x, y = load_digits(return_X_y=True)
+        means = torch.tensor(np.stack([x[y == c].mean(0) for c in range(10)]) * 255 / 16)
+        return lambda images: torch.cdist(images.reshape(len(images), -1).double(),
+                                          means).argmin(1)
+    import metric_nets
+    import metrics
+    clf = metric_nets.load_classifier(f"metrics-{dataset}", dataset=dataset)
+    return lambda images: metrics.classifier_probs(clf, images).argmax(1)

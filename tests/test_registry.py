@@ -91,3 +91,29 @@ def test_a_preset_is_found_for_the_images_it_fits(toy):
     assert not presets.fits(presets.PRESETS["mnist"].network, dataset)
     assert bench.preset_flags("toy-net") == ["--dataset", "toy", "--preset", "toy-net"]
     assert os.path.basename(train.parse_args(["--dataset", "toy"]).out_dir) == "toy"
+
+
+def test_a_shipped_file_s_command_trains_it_again_bit_for_bit(toy, monkeypatch):
+    """scripts/ship_checkpoints.py rebuilds the command that made a run from the arguments it
+    stored; running that command again gives the very EMA weights that were shipped."""
+    import shlex
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import ship_checkpoints
+    root, _, _ = toy
+    shipped = root / "checkpoints"
+    shipped.mkdir()
+    markers = (ship_checkpoints.TABLE_START, ship_checkpoints.TABLE_END)
+    (shipped / "README.md").write_text("\n".join(markers))
+    monkeypatch.setattr(ship_checkpoints, "OUT", str(shipped))
+    train.main(["--dataset", "toy", "--data-dir", str(root), "--out-dir", str(root / "a"),
+                "--p-uncond", "0.2", "--no-ema-warmup", "--ema-decay", "0.5", "--max-steps", "4"])
+    ship_checkpoints.main([f"toy-model={root / 'a' / 'ckpt.pt'}"])
+    entry = ship_checkpoints.json.load(open(shipped / "manifest.json"))["toy-model"]
+    words = shlex.split(entry["command"])
+    assert words[:2] == ["python", "train.py"] and "--p-uncond" in words and entry["steps"] == 4
+    train.main(words[2:] + ["--out-dir", str(root / "b")])
+    again = load_checkpoint(str(root / "b" / "ckpt.pt"))["ema"]
+    for key, value in load_checkpoint(str(shipped / "toy-model.pt"))["ema"].items():
+        assert torch.equal(value, again[key]), key
+    assert f"`{entry['sha256']}`" in (shipped / "README.md").read_text()

@@ -137,8 +137,9 @@ def table(manifest):
     rows = ["| file | kind | dataset | parameters | steps | seed | MB | training measured "
             "| SHA-256 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(manifest.items()):
-        rows.append(f"| `{name}.pt` | {e['kind']} | {e['dataset']} | {e['parameters']:,} | "
-                    f"{e.get('steps', '')} | {e['seed']} | {e['bytes'] / 1e6:.2f} | {measured(e)} "
+        kind, what = (text.replace("|", "\\|") for text in (e["kind"], measured(e)))
+        rows.append(f"| `{name}.pt` | {kind} | {e['dataset']} | {e['parameters']:,} | "
+                    f"{e.get('steps', '')} | {e['seed']} | {e['bytes'] / 1e6:.2f} | {what} "
                     f"| `{e['sha256']}` |")
     rows += ["", "The command that made each file (run from the repository's root):", ""]
     rows += [f"- `{name}.pt`: `{e['command']}`" for name, e in sorted(manifest.items())]

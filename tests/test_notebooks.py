@@ -86,7 +86,8 @@ PROBES = {
         nfe=[r["nfe"] for pts in results.values() for r in pts.values()],
         intervals=len(interval_map), chosen=CHOSEN in interval_map,
         map=len([1 for lo in study.MAP_LO for hi in study.MAP_HI if lo < hi]),
-        headline=[h for hs in headline.values() for h in hs if h])""",
+        headline=[h for hs in headline.values() for h in hs if h],
+        toy={n: [toy_res[n, T][:, 0].mean() for T in TOY_TS] for n in TOY_RULES})""",
     "06_guidance_free.ipynb": """dict(
         metrics=_metrics(res),
         grids={f"{m} {s}": sorted(c) for (m, s), c in res["mnist"]["curves"].items()},
@@ -154,6 +155,11 @@ def check_05(v):
     assert v["intervals"] == v["map"] and v["chosen"]  # the whole interval map, and its pick
     for fid, nfe in v["headline"]:
         assert 0 <= fid < math.inf and 1 <= nfe <= 2
+    for rule, dist in v["toy"].items():  # distance to p(x | c) at T = 10, 24, 50, 256
+        if rule.startswith("CFG++"):  # no limit as T grows
+            assert dist == sorted(dist) and dist[-1] > 10 * dist[0], (rule, dist)
+        else:  # DDIM and CFG settle
+            assert abs(dist[-1] - dist[-2]) < abs(dist[0] - dist[-1]), (rule, dist)
 
 
 def check_06(v):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = os.path.join(REPO, "checkpoints")
 # What the docs show: the CFG U-Nets, the metrics classifiers and p_φ (every U-Net in the manifest,
 # the guidance-free ones too, is sampled by the tests below).
-EXPECTED = {"digits", "mnist-4k", "fashion-mnist", "cifar10-cpu", "metrics-mnist",
+EXPECTED = {"digits", "mnist-4k", "fashion-mnist", "cifar10-cpu", "mnist-4k-gft", "metrics-mnist",
             "metrics-fashion-mnist", "metrics-cifar10", "noisy-classifier-mnist-4k"}
 with open(os.path.join(SHIPPED, "manifest.json")) as f:
     MANIFEST = json.load(f)

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHIPPED = os.path.join(REPO, "checkpoints")
 # What the docs show: the CFG U-Nets, the metrics classifiers and p_φ (every U-Net in the manifest,
 # the guidance-free ones too, is sampled by the tests below).
-EXPECTED = {"digits", "mnist-4k", "fashion-mnist", "cifar10-cpu", "mnist-4k-gft", "metrics-mnist",
-            "metrics-fashion-mnist", "metrics-cifar10", "noisy-classifier-mnist-4k"}
+EXPECTED = {"digits", "mnist-4k", "fashion-mnist", "cifar10-cpu", "mnist-4k-gft",
+            "fashion-mnist-gft", "metrics-mnist", "metrics-fashion-mnist", "metrics-cifar10",
+            "noisy-classifier-mnist-4k"}
 with open(os.path.join(SHIPPED, "manifest.json")) as f:
     MANIFEST = json.load(f)
 UNETS = sorted(n for n, e in MANIFEST.items() if "U-Net" in e["kind"])
@@ -29,6 +30,18 @@ UNETS = sorted(n for n, e in MANIFEST.items() if "U-Net" in e["kind"])
 def test_the_manifest_names_every_file_and_the_docs_models():
     files = {f[:-3] for f in os.listdir(SHIPPED) if f.endswith(".pt")}
     assert files == set(MANIFEST) and EXPECTED <= files
+
+
+def test_each_scores_file_names_the_file_it_scored():
+    # checkpoints/scores/NAME.json: the 1,000-per-w scores live_study prints beside its own; a
+    # model shipped again without being scored again would leave them describing another file.
+    folder = os.path.join(SHIPPED, "scores")
+    for file in os.listdir(folder):
+        with open(os.path.join(folder, file)) as f:
+            scores = json.load(f)
+        name = file[:-len(".json")]
+        assert scores["model"] == name and scores["checkpoint_sha256"] == MANIFEST[name]["sha256"]
+        assert all(row["n"] >= 1000 for row in scores["rows"]) and scores["real"]["n"] >= 1000
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

@@ -16,6 +16,8 @@ so moving w changes the guidance and nothing else.
 """
 import functools
 import inspect
+import json
+import os
 import time
 
 import matplotlib.pyplot as plt
@@ -158,43 +160,81 @@ def cifar_panel(w=0.0, per_class=2, name="cifar10-cpu"):
     return images
 
 
+def full_scores(name):
+    """The 1,000-per-w scores of a shipped model (checkpoints/scores/NAME.json: its command, the
+    SHA-256 of the file it scored, {w: row} and the floor), or None where none were measured."""
+    path = os.path.join(model_lib.SHIPPED_DIR, "scores", f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        scores = json.load(f)
+    scores["by_w"] = {row["w"]: row for row in scores["rows"]}
+    return scores
+
+
+FLOOR_SETS = 10  # real sets drawn for live_study's floor: its KID's mean and spread
+
+
 def live_study(name, ws=(0.0, 0.5, 1.0, 2.0, 4.0), per_class=10, data_dir=None,
-               guidance=guidance_lib.guided_eps):
+               guidance=guidance_lib.guided_eps, compare=True):
     """A small study on a shipped model: per_class images of each class at each w (the same noise
     at every w), sampled with `guidance` (a rule of guidance.py, its networks bound) and scored by
     the shipped metrics classifier of its dataset. Accuracy and IS need nothing else; with the
-    dataset at `data_dir`, FID against its held-out images and the real-data floor at the same
-    count too. Prints a table with the seconds each w took; returns {w: metrics, "floor": ...}."""
+    dataset at `data_dir`, KID (metrics.kernel_distance, unbiased at a few hundred samples, where
+    FID's bias swamps it) against its held-out images, and the real-data floor at the same count
+    (KID about 0). With `compare`, the model's 1,000-per-w CFG scores (`full_scores`) stand beside,
+    where that w was measured. Prints a table with the seconds each w took; returns {w: metrics,
+    "floor": ...}."""
     model, ckpt = shipped(name)
     dataset = ckpt["args"]["dataset"]
     clf = metrics.load_classifier(f"metrics-{dataset}", dataset=dataset)  # the shipped one
+    full = full_scores(name) if compare else None
     ref_feats, floor_pool = None, None
     if data_dir is not None:
-        held = metrics.load_splits(dataset, data_dir)["held"]
-        (ref_x, _), floor_pool = metrics.reference_and_floor(*held)
-        ref_feats = metrics.classifier_features(clf, ref_x)
+        (ref_x, _), floor_pool = metrics.reference_and_floor(*metrics.load_held(dataset, data_dir))
+        ref_feats = metrics.classifier_features(clf, ref_x).double()
+        rms = ref_feats.pow(2).mean().sqrt()  # KID's (xᵀy / D + 1)³ wants features of order 1
+        ref_feats = ref_feats / rms
     classes = range(model.config.num_classes)
     labels, results = torch.arange(len(classes)).repeat_interleave(per_class), {}
     print(f"{name}: {len(labels)} samples per w, {sample_lib.FAST_SAMPLER}, scored by "
-          f"metrics-{dataset}" + ("" if data_dir else " (no data: FID left out)"))
-    print(f"{'w':>6} {'accuracy':>9} {'IS':>6} {'FID':>7} {'seconds':>8}")
-    for w in list(ws) + (["floor"] if data_dir else []):
+          f"metrics-{dataset}" + ("" if data_dir else " (no data: KID left out)"))
+    beside = f"   | CFG, {full['rows'][0]['n']:,} per w: FID  accuracy" if full else ""
+    print(f"{'w':>6} {'accuracy':>9} {'IS':>6} {'KID×1000':>14} {'seconds':>8}{beside}")
+
+    def score(images, asked):
+        feats, probs = metrics.classifier_outputs(clf, images)
+        return dict(accuracy=(probs.argmax(1) == asked).double().mean().item(),
+                    **{"is": metrics.inception_score(probs)[0]},
+                    **({} if ref_feats is None else
+                       {"kid": metrics.kernel_distance(feats.double() / rms, ref_feats)}))
+
+    def show(label, scores, row, kid):
+        far = f"   | {row['fid']:20.2f} {row['accuracy']:9.3f}" if row else ""
+        print(f"{label:>6} {scores['accuracy']:9.3f} {scores['is']:6.2f} {kid:>14} "
+              f"{scores['seconds']:8.1f}{far}")
+
+    for w in ws:
         start = time.perf_counter()
-        if w == "floor":
-            scores = metrics.real_floor(clf, *floor_pool, ref_feats, len(labels))
-        else:
-            images = samples(model, classes, w, per_class, guidance=guidance)
-            probs = metrics.classifier_probs(clf, images)
-            scores = dict(accuracy=(probs.argmax(1) == labels).double().mean().item(),
-                          **{"is": metrics.inception_score(probs)[0]})
-            if ref_feats is not None:
-                scores["fid"] = metrics.frechet_distance(metrics.classifier_features(
-                    clf, images), ref_feats)
+        scores = score(samples(model, classes, w, per_class, guidance=guidance), labels)
         results[w] = dict(scores, seconds=time.perf_counter() - start)
-        fid = f"{scores['fid']:7.2f}" if "fid" in scores else "      —"
-        label = "real" if w == "floor" else f"{w:g}"
-        print(f"{label:>6} {scores['accuracy']:9.3f} {scores['is']:6.2f} {fid} "
-              f"{results[w]['seconds']:8.1f}")
+        show(f"{w:g}", results[w], full and full["by_w"].get(float(w)),
+             f"{1000 * scores['kid']:.1f}" if "kid" in scores else "—")
+    if data_dir is not None:  # real held-out images outside the reference, as many as per w
+        start, generator, sets = time.perf_counter(), torch.Generator().manual_seed(0), []
+        for _ in range(FLOOR_SETS):
+            pick = torch.randperm(len(floor_pool[1]), generator=generator)[:len(labels)]
+            sets.append(score(floor_pool[0][pick], floor_pool[1][pick]))
+        kids = torch.tensor([s["kid"] for s in sets])
+        results["floor"] = dict(sets[0], kid=kids.mean().item(), kid_std=kids.std().item(),
+                                seconds=time.perf_counter() - start)
+        show("real", results["floor"], full and full["real"],
+             f"{1000 * kids.mean():.1f} ± {1000 * kids.std():.1f}")
+        print(f"(real: {FLOOR_SETS} sets of {len(labels)} held-out images; KID's ± is their "
+              f"spread: a KID inside it is as close to the data as real images at this count)")
+    if full:
+        print(f"(right: checkpoints/scores/{name}.json, {full['machine']}; FID is biased at few "
+              f"samples, so it is read at 1,000; KID is unbiased at {len(labels)})")
     return results
 
 

@@ -41,6 +41,26 @@ def test_frechet_distance_matches_scipy_sqrtm():
                                             b.astype(np.float32).astype(np.float64)), rel=1e-7)
 
 
+def test_kernel_distance_matches_a_double_loop_and_is_unbiased():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(7, 4)), rng.normal(0.5, 1.0, size=(9, 4))
+    k = lambda x, y: (float(np.dot(x, y)) / 4 + 1) ** 3  # noqa: E731
+    aa = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    bb = sum(k(b[i], b[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
+    ab = sum(k(x, y) for x in a for y in b) / (7 * 9)
+    assert metrics.kernel_distance(a, b) == pytest.approx(aa + bb - 2 * ab, rel=1e-12)
+    # Unbiased: two sets of 20 from one distribution average 0 (Monte Carlo over 400 pairs),
+    # where FID of the same pairs is far from 0; a shifted pair is far from 0 too.
+    same = [metrics.kernel_distance(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)))
+            for _ in range(400)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    shifted = [metrics.kernel_distance(rng.normal(size=(20, 8)), rng.normal(1.0, 1, size=(20, 8)))
+               for _ in range(50)]
+    assert np.mean(shifted) > 10 * np.std(same) / np.sqrt(len(same))
+    with pytest.raises(ValueError, match="KID needs two"):
+        metrics.kernel_distance(a, b[:, :3])
+
+
 def test_frechet_distance_of_identical_sets_is_zero():
     rng = np.random.default_rng(1)
     a = correlated_features(rng, 500, 64)
@@ -257,3 +277,12 @@ def test_nearest_distances_match_a_brute_force_search():
     got = metrics.nearest_distances(a, b, batch_size=3).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6)  # float32 pixels
     assert metrics.nearest_distances(a, a).abs().max() < 1e-6  # every image is its own nearest
+
+
+@pytest.mark.parametrize("name,dataset", [("fashion-mnist", "fashion-mnist"),
+                                          ("mnist-4k", "mnist")])
+def test_load_held_is_load_splits_held_part(name, dataset):
+    from conftest import shared_data
+    folder = shared_data(name)
+    held, full = metrics.load_held(dataset, folder), metrics.load_splits(dataset, folder)["held"]
+    assert all(torch.equal(a, b) for a, b in zip(held, full)) and len(held[1]) >= 1000

@@ -27,7 +27,7 @@ import math
 import torch
 
 from model import NoisyClassifier, UNet
-from schedule import alpha_sigma, per_example, predict_eps, predict_x
+from schedule import alpha_sigma, logsnr_cosine_inverse, per_example, predict_eps, predict_x
 
 # ε_θ(z, c) and ε_θ(z, ∅) as one batch of 2B (the paper's; unlisted devices) or
 # two passes of B: on a CPU the 2B batch costs more (docs/results.md, "Performance").
@@ -45,14 +45,19 @@ def w_outside(w, inside):
     return sorted(set(w[~inside(w)].tolist()))
 
 
+def eps_pair(model, z, logsnr, labels, logsnr_b, labels_b):
+    """(ε_θ(z, λ, c), ε_θ(z, λ_b, c_b)) at one z: a batch of 2B or two passes of B (ONE_BATCH)."""
+    if not ONE_BATCH.get(z.device.type, True):
+        return model(z, logsnr, labels), model(z, logsnr_b, labels_b)
+    logsnr = torch.as_tensor(logsnr, device=z.device).expand(len(z))
+    logsnr_b = torch.as_tensor(logsnr_b, device=z.device).expand(len(z))
+    return model(torch.cat([z, z]), torch.cat([logsnr, logsnr_b]),
+                 torch.cat([labels, labels_b])).chunk(2)  # (2B, C, H, W) in one pass
+
+
 def cond_and_uncond_eps(model, z, logsnr, labels):
     """(ε_θ(z, c), ε_θ(z, ∅)) at one z: a batch of 2B or two passes of B (ONE_BATCH)."""
-    null = torch.full_like(labels, model.null_label)  # ∅
-    if not ONE_BATCH.get(z.device.type, True):
-        return model(z, logsnr, labels), model(z, logsnr, null)
-    logsnr = torch.as_tensor(logsnr, device=z.device).expand(len(z))
-    z2, logsnr2 = torch.cat([z, z]), torch.cat([logsnr, logsnr])  # (2B, C, H, W), (2B,)
-    return model(z2, logsnr2, torch.cat([labels, null])).chunk(2)
+    return eps_pair(model, z, logsnr, labels, logsnr, torch.full_like(labels, model.null_label))
 
 
 # ---------------- the paper's rule
@@ -270,6 +275,143 @@ def cfgpp_eps(model, z, logsnr, labels, w, state=None):
     return (1 + w) * eps_cond - w * eps_uncond, eps_uncond
 
 
+# ---------------- guidance without the null label
+
+def _generator(state, key, seed, device):
+    """The run's generator for a rule's own draws, seeded once per run and kept in `state`."""
+    if state is None:
+        raise ValueError("this rule draws random numbers from step to step: pass one `state` "
+                         "dict for the whole run (sample.sample does)")
+    if key not in state:
+        state[key] = torch.Generator(device=device).manual_seed(seed)
+    return state[key]
+
+
+def icg_eps(model, z, logsnr, labels, w, state=None, *, seed=0):
+    """Independent condition guidance (Sadat et al. 2024, "No Training, No Problem: Rethinking
+    Classifier-Free Guidance for Diffusion Models", sec. 4): CFG with ∅ replaced by a label ĉ
+    drawn independently of the sample,
+
+        ε̃ = (1 + w) ε_θ(z_λ, c) − w ε_θ(z_λ, ĉ),   ĉ ~ uniform over the classes, at every step
+
+    If ĉ carries no information about z_λ then p(z_λ | ĉ) = p(z_λ), so ε_θ(z_λ, ĉ) stands in
+    for ε_θ(z_λ): a network trained without label dropout (p_uncond = 0) can be guided. On a
+    network whose ε does not depend on the label it is exactly CFG. ĉ is drawn afresh per
+    sample and per step from the run's generator (seeded by `seed`, kept in `state`), so a run
+    is reproducible. Two passes of B; only ε_θ(z, c) runs where w = 0 everywhere."""
+    if unguided(w):
+        return model(z, logsnr, labels)
+    generator = _generator(state, "icg_generator", seed, z.device)
+    other = torch.randint(model.null_label, labels.shape, generator=generator,
+                          device=z.device)  # ĉ ∈ {0, …, K − 1}: ∅ = K is never drawn
+    eps_cond, eps_other = eps_pair(model, z, logsnr, labels, logsnr, other)
+    w = per_example(w, z)
+    return (1 + w) * eps_cond - w * eps_other
+
+
+TSG_SCALE = 1.0  # the spread of the perturbed λ, in λ units: a free parameter (notebook 05 maps it)
+
+
+def tsg_eps(model, z, logsnr, labels, w, state=None, *, scale=TSG_SCALE, seed=0):
+    """Time-step guidance (Sadat et al. 2024, same paper, sec. 5): guidance away from the network
+    at a perturbed noise level, which needs neither ∅ nor a label,
+
+        ε̃ = (1 + w) ε_θ(z_λ, λ, c) − w ε_θ(z_λ, λ + s ξ, c),   ξ ~ N(0, 1) per sample and step
+
+    They perturb the network's time embedding; here the perturbation is on its noise-level input
+    λ (the same for any network, no hook into its embedding), with s = `scale` > 0 in λ units.
+    ξ comes from the run's generator (seeded by `seed`, kept in `state`). Two passes of B; only
+    the first runs where w = 0 everywhere."""
+    if not scale > 0:
+        raise ValueError(f"tsg's scale = {scale} must be positive (the spread of λ's perturbation)")
+    if unguided(w):
+        return model(z, logsnr, labels)
+    generator = _generator(state, "tsg_generator", seed, z.device)
+    logsnr = torch.as_tensor(logsnr, dtype=z.dtype, device=z.device).expand(len(z))
+    xi = torch.randn(len(z), generator=generator, device=z.device, dtype=z.dtype)
+    eps, eps_perturbed = eps_pair(model, z, logsnr, labels, logsnr + scale * xi, labels)
+    w = per_example(w, z)
+    return (1 + w) * eps - w * eps_perturbed
+
+
+# ---------------- CFG-Zero*
+
+CFG_ZERO_STEPS = 1  # steps zeroed at the start (their code's default: the first step alone)
+
+
+def flow_velocity(z, eps, logsnr):
+    """α_λ v, the rectified-flow velocity v = ε − x̂ of ε at z_λ, times α_λ: (α_λ + σ_λ) ε − z_λ.
+
+    z_λ = α_λ x + σ_λ ε is, divided by α_λ + σ_λ, the straight path x_t = (1 − t) x + t ε at
+    t = σ_λ/(α_λ + σ_λ), whose velocity is ε − x; times α_λ (so nothing divides by a small α_λ)
+    it is (α_λ + σ_λ) ε − z_λ."""
+    alpha, sigma = alpha_sigma(per_example(logsnr, z))
+    return (alpha + sigma) * eps - z
+
+
+def cfg_zero_eps(model, z, logsnr, labels, w, state=None, *, zero_steps=CFG_ZERO_STEPS):
+    """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow
+    Matching Models"), on the velocity of the flow that this ε-network's z_λ traces
+    (`flow_velocity`, u = α_λ v), their scale 1 + w:
+
+        s* = ⟨u_c, u_∅⟩ / ‖u_∅‖²                 per sample, over C, H, W: the least-squares
+                                                   scale of u_∅ onto u_c (their optimised scale)
+        û = (1 + w) u_c − w s* u_∅               their s* v_∅ + (1 + w)(v_c − s* v_∅), times α_λ
+        ε̃ = (û + z_λ) / (α_λ + σ_λ)              back from u = (α_λ + σ_λ) ε − z_λ
+
+    and zero-init: the first `zero_steps` steps give û = 0 (their zeroed velocity), ε̃ = z_λ /
+    (α_λ + σ_λ), so z_λ / (α_λ + σ_λ) does not move. Written in ε, ε̃ = (1 + w) ε_c − w s* ε_∅
+    + w (s* − 1) z_λ / (α_λ + σ_λ): s* = 1 is CFG. The projection is on v, not on ε: v is affine
+    in ε, so the two give different s*. state: one dict for the whole run (it counts the
+    steps). w = 0 everywhere: ε_θ(z, c) after the zeroed steps."""
+    if zero_steps < 0:
+        raise ValueError(f"cfg-zero's zero_steps = {zero_steps} must be 0 or more")
+    if state is None:
+        raise ValueError("cfg_zero_eps counts the steps in `state`: pass one dict for the whole "
+                         "run (sample.sample does)")
+    step = state["cfg_zero_step"] = state.get("cfg_zero_step", -1) + 1
+    alpha, sigma = alpha_sigma(per_example(logsnr, z))
+    if step < zero_steps:
+        return z / (alpha + sigma)  # û = 0
+    if unguided(w):
+        return model(z, logsnr, labels)
+    eps_cond, eps_uncond = cond_and_uncond_eps(model, z, logsnr, labels)
+    u_cond, u_uncond = flow_velocity(z, eps_cond, logsnr), flow_velocity(z, eps_uncond, logsnr)
+    dims = tuple(range(1, z.ndim))
+    s_star = ((u_cond * u_uncond).sum(dims, keepdim=True)
+              / (u_uncond * u_uncond).sum(dims, keepdim=True).clamp(min=1e-12))
+    w = per_example(w, z)
+    return ((1 + w) * u_cond - w * s_star * u_uncond + z) / (alpha + sigma)
+
+
+# ---------------- guidance-strength schedules
+
+def schedule_time(logsnr):
+    """t ∈ [0, 1] of λ under the paper's cosine schedule (schedule.logsnr_cosine_inverse): 0 at
+    λ_max (data), 1 at λ_min (noise); a time that does not depend on the sampler's steps."""
+    return logsnr_cosine_inverse(torch.as_tensor(logsnr)).clamp(0, 1)
+
+
+SCHEDULES = {  # w(t) / w: each averages 1 over t ∈ [0, 1], so w is still the mean strength
+    "constant": lambda t: torch.ones_like(t),
+    "linear": lambda t: 2 * (1 - t),  # 0 at the noise end, 2 at the data end
+    "cosine": lambda t: 1 + torch.cos(math.pi * t),
+}
+
+
+def scheduled_eps(model, z, logsnr, labels, w, state=None, *, shape="linear"):
+    """CFG with a strength that moves with the noise level (Wang et al. 2024, "Analysis of
+    Classifier-Free Guidance Weight Schedulers"): ε̃ = (1 + w(λ)) ε_θ(z, c) − w(λ) ε_θ(z, ∅),
+    w(λ) = w · f(t(λ)), t = `schedule_time`. f: "constant" (CFG), "linear" 2(1 − t) or "cosine"
+    1 + cos(π t), their increasing schedulers, each with mean 1 over t ∈ [0, 1]. Only ε_θ(z, c)
+    runs where w(λ) = 0 everywhere (the first step of "linear" and "cosine")."""
+    if shape not in SCHEDULES:
+        raise ValueError(f"unknown schedule shape {shape!r}: use one of {', '.join(SCHEDULES)}")
+    t = schedule_time(torch.as_tensor(logsnr, device=z.device)).to(z.dtype)
+    return guided_eps(model, z, logsnr, labels,
+                      torch.as_tensor(w, dtype=z.dtype, device=z.device) * SCHEDULES[shape](t))
+
+
 # ---------------- guidance-free training
 
 def guidance_free_eps(model, z, logsnr, labels, w, state=None):
@@ -300,5 +442,9 @@ RULES = {
     "rescale": rescaled_guided_eps,  # Lin et al. 2023
     "apg": apg_eps,  # Sadat et al. 2024
     "cfgpp": cfgpp_eps,  # Chung et al. 2024, on the ddim step only
+    "icg": icg_eps,  # Sadat et al. 2024: no ∅, a random label
+    "tsg": tsg_eps,  # Sadat et al. 2024: no ∅, a perturbed λ
+    "cfg-zero": cfg_zero_eps,  # Fan et al. 2025
+    "schedule": scheduled_eps,  # Wang et al. 2024
     "guidance-free": guidance_free_eps,  # Chen et al. 2025, a GFT network
 }

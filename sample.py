@@ -313,7 +313,9 @@ def bind_rule(name, pairs, guide):
             kwargs[key] = type(params[key])(value)
         except ValueError:
             kind = type(params[key]).__name__
-            raise ValueError(f"--guidance-param {pair!r}: {value!r} is not a {kind}") from None
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ValueError(f"--guidance-param {pair!r}: {value!r} is not {article} {kind}") \
+                from None
     if network is None and guide is not None:
         raise ValueError("--guide-ckpt goes with a rule that takes a second network, "
                          f"not --guidance {name}")

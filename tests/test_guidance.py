@@ -420,6 +420,15 @@ CLI = {  # name -> (flags, the library's rule from the checkpoints' folder, w ro
             "ancestral"),
     "cfgpp": (["--guidance", "cfgpp", "--w", "-1", "-0.4"], lambda d: G.cfgpp_eps,
               [-1.0, -0.4], "ddim"),
+    "icg": (["--guidance", "icg", "-p", "seed=3", "--w", "2"],
+            lambda d: functools.partial(G.icg_eps, seed=3), [2.0], "dpmpp2m-sde"),
+    "tsg": (["--guidance", "tsg", "-p", "scale=0.5", "--w", "1"],
+            lambda d: functools.partial(G.tsg_eps, scale=0.5), [1.0], "ddim"),
+    "cfg-zero": (["--guidance", "cfg-zero", "-p", "zero_steps=2", "--w", "0", "2"],
+                 lambda d: functools.partial(G.cfg_zero_eps, zero_steps=2), [0.0, 2.0], "ddim"),
+    "schedule": (["--guidance", "schedule", "-p", "shape=cosine", "--w", "3"],
+                 lambda d: functools.partial(G.scheduled_eps, shape="cosine"), [3.0],
+                 "ancestral"),
 }
 
 
@@ -482,6 +491,10 @@ BAD = [  # (arguments, a word the message must contain)
     (["--guidance", "cfgpp", "--w", "-0.5"], "only these samplers take: ddim"),
     (["--guidance", "classifier", "-p", "phi=0.5"], "--guidance classifier takes base=VALUE"),
     (["--guidance", "apgg"], "invalid choice"),
+    (["--guidance", "tsg", "-p", "scale=0"], "must be positive"),
+    (["--guidance", "cfg-zero", "-p", "zero_steps=-1"], "0 or more"),
+    (["--guidance", "cfg-zero", "-p", "zero_steps=1.5"], "is not an int"),
+    (["--guidance", "schedule", "-p", "shape=step"], "unknown schedule shape"),
     (["--clip", "1.5"], "percentile p in (0, 1]"), (["--clip", "nan"], "percentile p in (0, 1]"),
 ]
 

@@ -85,3 +85,72 @@ def test_sample_py_runs_cfgpp_at_its_own_steps_unless_told(tmp_path):
     assert steps_of("--guidance", "cfgpp", "--sampler", "ddim") == 50
     assert steps_of("--guidance", "cfgpp", "--sampler", "ddim", "--steps", "7") == 7
     assert steps_of("--sampler", "ddim") == sample_lib.SAMPLERS["ddim"]["steps"]  # cfg: 256
+
+
+# ---------------- the measures of notebook 07
+
+def test_blurred_eps_is_the_scaled_score_of_the_blurred_data():
+    """ExactEps(blur=b) against autograd of the log density of x + b n, written out directly:
+    a mixture of N(α m_k, α² (S_k + b² I) + σ² I)."""
+    g = torch.Generator().manual_seed(1)
+    z, labels = torch.randn(60, 2, generator=g, dtype=torch.float64), torch.arange(4).repeat(15)
+    logsnr = torch.full((60,), 0.5, dtype=torch.float64)
+    alpha, sigma = torch.sigmoid(logsnr).sqrt()[0], torch.sigmoid(-logsnr).sqrt()[0]
+    zg, eye = z.clone().requires_grad_(True), torch.eye(2, dtype=torch.float64)
+    dens = 0
+    for k, pi, m, S in toy.COMPONENTS:
+        cov = alpha ** 2 * (S + 0.6 ** 2 * eye) + sigma ** 2 * eye
+        mean = alpha * torch.tensor(m, dtype=torch.float64)
+        normal = torch.distributions.MultivariateNormal(mean, cov)
+        weight = torch.where(labels == 3, pi / 3, torch.where(labels == k, pi, 0.0))
+        dens = dens + weight * normal.log_prob(zg).exp()
+    score, = torch.autograd.grad(dens.log().sum(), zg)
+    got = toy.ExactEps(blur=0.6)(z, logsnr, labels)
+    assert torch.allclose(got, -sigma * score, atol=1e-10)
+
+
+@pytest.mark.parametrize("base", ["uncond", "cond"])
+def test_classifier_guidance_with_the_exact_classifier_is_cfg(base):
+    """Bayes: −σ ∇ log p(c | z_λ) = ε*(z, c) − ε*(z), so both forms of classifier guidance with
+    the exact classifier (by autograd) are CFG's ε̃ with the exact ε (in closed form)."""
+    g = torch.Generator().manual_seed(2)
+    z, labels = torch.randn(30, 2, generator=g, dtype=torch.float64), torch.arange(3).repeat(10)
+    logsnr, w = torch.linspace(-5, 5, 30, dtype=torch.float64), 2.5
+    got = G.classifier_guided_eps(toy.ExactEps(), z, logsnr, labels, w,
+                                  classifier=toy.ExactClassifier(), base=base)
+    assert torch.allclose(got, G.guided_eps(toy.ExactEps(), z, logsnr, labels, w), atol=1e-10)
+    gft = G.guidance_free_eps(toy.ExactGuidanceFree(), z, logsnr, labels, w)
+    assert torch.allclose(gft, G.guided_eps(toy.ExactEps(), z, logsnr, labels, w), atol=1e-12)
+
+
+def test_mmd2_against_a_double_loop_and_unbiased():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g,
+                                                                         dtype=torch.float64)
+    k = lambda x, y: sum(np.exp(-np.sum((x - y) ** 2) / (2 * h ** 2))  # noqa: E731
+                         for h in toy.MMD_BANDWIDTHS)
+    an, bn = a.numpy(), b.numpy()
+    aa = sum(k(an[i], an[j]) for i in range(6) for j in range(6) if i != j) / 30
+    bb = sum(k(bn[i], bn[j]) for i in range(8) for j in range(8) if i != j) / 56
+    ab = sum(k(x, y) for x in an for y in bn) / 48
+    assert toy.mmd2(a, b) == pytest.approx(aa + bb - 2 * ab, rel=1e-12)
+    same = [toy.mmd2(toy.sample_data(torch.zeros(40, dtype=torch.long), g),
+                     toy.sample_data(torch.zeros(40, dtype=torch.long), g)) for _ in range(300)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(300)
+
+
+def test_tilted_draws_have_the_importance_weighted_moments():
+    """E over p(x | c) p(c | x)^w of x, x², by importance weights p(c | x)^w on exact draws of
+    p(x | c) (no grid), against sample_tilted's grid draws; w = 0 is p(x | c) itself."""
+    for c, w in [(1, 0.0), (1, 2.0), (2, 4.0)]:
+        labels = torch.full((200_000,), c)
+        x = toy.sample_data(labels, torch.Generator().manual_seed(4))
+        log_pc = toy.log_class_densities(x)
+        weight = torch.softmax(w * (log_pc[:, c] - torch.logsumexp(log_pc, 1)), 0)[:, None]
+        mean, second = (weight * x).sum(0), (weight * x ** 2).sum(0)
+        t = toy.sample_tilted(labels[:50_000], w, torch.Generator().manual_seed(5))
+        assert torch.allclose(t.mean(0), mean, atol=0.015), (c, w)
+        assert torch.allclose((t ** 2).mean(0), second, atol=0.03), (c, w)
+    y = toy.sample_data(torch.arange(3).repeat_interleave(3000), torch.Generator().manual_seed(6))
+    shares = toy.mode_shares(y, torch.arange(3).repeat_interleave(3000))
+    assert set(shares) == {1, 2, 3, 4} and abs(sum(shares.values()) - 2) < 1e-12

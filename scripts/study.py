@@ -1,4 +1,4 @@
-"""The studies behind notebooks 02 to 06: sample.py runs, cached as npz files, scored by metrics.py.
+"""The studies behind notebooks 02 to 07: sample.py runs, cached as npz files, scored by metrics.py.
 
 A study is a set of named cells; a cell is one `sample.py` command line (checkpoint, sampler,
 guidance rule, w values). Its images go to <out>/<name>.npz, with the command, wall seconds and
@@ -256,6 +256,27 @@ def plan_06(cfg_ckpt, gft_ckpt, n_per_class, steps=None):
             "cfg-seed1": [*cfg, "--seed", 1, "--w", *W_GRID[:6]]}
 
 
+W_07 = [0, 0.2, 0.5, 1]  # notebook 07: mnist-4k's accuracy climbs from 0.94 to 1.00 by w = 1
+SEEDS_07 = (0, 1, 2)  # three noise sets, each paired across every rule and model
+
+
+def plan_07(cfg_ckpt, p0_ckpt, n_per_class, steps=None):
+    """notebook 07: guidance without the null label on mnist-4k, three noise sets each:
+    ICG on a network trained with p_uncond = 0 (`p0_ckpt`) against CFG on the paper's network
+    (`cfg_ckpt`, p_uncond = 0.1, the same steps) over W_07, and CFG-Zero* and the linear
+    strength schedule on the paper's network at its guided w. Seed s: image (c, j) starts from
+    the noise of seed (s, c, j), the same for every cell of that s."""
+    cells = {}
+    for seed in SEEDS_07:
+        cfg = [*common(cfg_ckpt, n_per_class, steps), "--seed", seed]
+        cells[f"cfg-s{seed}"] = [*cfg, "--w", *W_07]
+        cells[f"icg-s{seed}"] = [*common(p0_ckpt, n_per_class, steps), "--seed", seed,
+                                 "--guidance", "icg", "--w", *W_07]
+        cells[f"cfg-zero-s{seed}"] = [*cfg, "--guidance", "cfg-zero", "--w", *W_07[1:]]
+        cells[f"schedule-s{seed}"] = [*cfg, "--guidance", "schedule", "--w", *W_07[1:]]
+    return cells
+
+
 def number(text):
     """A number as the notebooks write it (-4, not -4.0): a cell's command is its cache key."""
     value = float(text)
@@ -264,7 +285,7 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "04", "05", "06"])
+    p.add_argument("study", choices=["02", "03", "04", "05", "06", "07"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
@@ -275,6 +296,8 @@ def main():
                    help="05: autoguidance's bad models")
     p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py "
                    "--guidance-free); --ckpt: the CFG one")
+    p.add_argument("--p0-ckpt", help="07: a model trained with --p-uncond 0; --ckpt: the "
+                   "paper's (p_uncond = 0.1)")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"),
                    help="05: the interval for its w sweep")
     p.add_argument("--no-check", action="store_true",
@@ -296,6 +319,10 @@ def main():
         if not args.gft_ckpt:
             p.error("study 06 needs --gft-ckpt, the guidance-free model")
         cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
+    elif args.study == "07":
+        if not args.p0_ckpt:
+            p.error("study 07 needs --p0-ckpt, a model trained with --p-uncond 0")
+        cells = plan_07(args.ckpt, args.p0_ckpt, args.n_per_class)
     else:
         guides = dict(item.split("=", 1) for item in args.guide_ckpt)
         cells = plan_05(args.ckpt, guides, args.n_per_class, interval=args.interval)

@@ -86,5 +86,5 @@ def test_the_four_method_files_sample_alone_without_matplotlib_or_tqdm(tmp_path)
                           capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert others and "train" in others  # the project's other files were checked absent
-    rules_times_samplers = 7 * 4 + 1  # CFG++ is defined on the one step that re-noises
+    rules_times_samplers = 11 * 4 + 1  # CFG++ is defined on the one step that re-noises
     assert f"lifted out: {rules_times_samplers} runs" in proc.stdout, proc.stdout

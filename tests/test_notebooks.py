@@ -33,7 +33,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 # finds it (CFG_FASHION_DIR or ../shared/data/fashion-mnist) and leaves it out in quick mode
 # where it does not; notebook 06 uses it outside quick mode only.
 NEEDS_MNIST_4K = {"02_mnist_tradeoff.ipynb", "04_classifier_guidance.ipynb",
-                  "05_guidance_family.ipynb", "06_guidance_free.ipynb"}
+                  "05_guidance_family.ipynb", "06_guidance_free.ipynb",
+                  "07_guidance_without_null.ipynb"}
 # Notebooks that read ../shared/data outside quick mode only: in quick mode they write small
 # image files of their own (03: a synthetic CIFAR-10 folder), so they run in a fresh clone.
 OWN_QUICK_DATA = {"03_cifar10_tradeoff.ipynb"}
@@ -93,6 +94,12 @@ PROBES = {
         grids={f"{m} {s}": sorted(c) for (m, s), c in res["mnist"]["curves"].items()},
         size=[(d.norm(dim=1) / at_one.norm(dim=1)).mean().item() for d in diffs.values()],
         expected=sorted(W), cos=list(cos.values()))""",
+    "07_guidance_without_null.ipynb": """dict(
+        metrics=_metrics([curves, floor]), w=study.W_07,
+        grids={f"{r} {s}": sorted(c) for (r, s), c in curves.items()},
+        toy={n: dict(mmd=float(np.mean([x["data"] for x in r["rows"]])), evals=r["evals"])
+             for n, r in toy_rows.items()},
+        floor=[float(np.mean(toy_floor["data"])), float(np.std(toy_floor["data"], ddof=1))])""",
 }
 
 
@@ -170,10 +177,25 @@ def check_06(v):
     assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in v["cos"])
 
 
+def check_07(v):
+    assert_metrics(v["metrics"])
+    for name, grid in v["grids"].items():  # ICG and CFG over the whole grid, the others guided
+        assert grid == (v["w"] if name.split()[0] in ("cfg", "icg") else v["w"][1:]), name
+    toy, (floor, spread) = v["toy"], v["floor"]
+    cfg = toy["CFG"]["mmd"]
+    for same in ("classifier, exact p(c | z)", "guidance-free, its minimiser"):  # CFG, to float32
+        assert abs(toy[same]["mmd"] - cfg) < 1e-4 * cfg, (same, toy[same], cfg)
+    assert abs(toy["conditional, w = 0"]["mmd"] - floor) < 5 * spread + 1e-3  # p(x | c) itself
+    assert cfg > floor + 10 * spread  # guidance moves the distribution
+    evals = {n: t["evals"] for n, t in toy.items()}
+    assert evals["CFG"] == 2 and evals["guidance-free, its minimiser"] == 1, evals
+    assert evals["autoguidance, blur 0.5"] == 2 and 1 < evals["interval"] < 2, evals
+
+
 CHECKS = {"00_walkthrough.ipynb": check_00, "01_implicit_classifier.ipynb": check_01,
           "02_mnist_tradeoff.ipynb": check_grid, "03_cifar10_tradeoff.ipynb": check_03,
           "04_classifier_guidance.ipynb": check_04, "05_guidance_family.ipynb": check_05,
-          "06_guidance_free.ipynb": check_06}
+          "06_guidance_free.ipynb": check_06, "07_guidance_without_null.ipynb": check_07}
 
 
 def code_cells(path):

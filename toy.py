@@ -13,7 +13,8 @@ networks (forward(z, logsnr, labels), null_label), so `sample.sample` runs on it
     x = sample.sample(toy.ExactEps(), labels, w, steps=256, clip_x=False, shape=(2,))
 
 All in float64; λ = +inf is the data itself (α = 1, σ = 0). Notebook 01 derives and checks the
-implicit classifier on it; `explore.toy_panel` draws it under sliders.
+implicit classifier on it; `explore.toy_panel` draws it under sliders; notebook 07 measures every
+guidance rule against its exact targets (`sample_tilted`, `mmd2`, `bayes_accuracy`, `mode_shares`).
 """
 import math
 

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHIPPED = os.path.join(REPO, "checkpoints")
 # What the docs show: the CFG U-Nets, the metrics classifiers and p_φ (every U-Net in the manifest,
-# the guidance-free ones too, is sampled by the tests below).
+# the guidance-free ones and the one without the null label too, is sampled by the tests below).
 EXPECTED = {"digits", "mnist-4k", "fashion-mnist", "cifar10-cpu", "mnist-4k-gft",
-            "fashion-mnist-gft", "metrics-mnist", "metrics-fashion-mnist", "metrics-cifar10",
-            "noisy-classifier-mnist-4k"}
+            "fashion-mnist-gft", "mnist-4k-p0", "metrics-mnist", "metrics-fashion-mnist",
+            "metrics-cifar10", "noisy-classifier-mnist-4k"}
 with open(os.path.join(SHIPPED, "manifest.json")) as f:
     MANIFEST = json.load(f)
 UNETS = sorted(n for n, e in MANIFEST.items() if "U-Net" in e["kind"])
@@ -67,6 +67,7 @@ def test_every_unet_samples_the_asked_class_when_guided(name):
     assert model_lib.checkpoint_path(name) == os.path.join(SHIPPED, f"{name}.pt")
     labels = torch.arange(10).repeat(3)
     rule = (guidance_lib.guidance_free_eps if ckpt["args"]["guidance_free"]
+            else guidance_lib.icg_eps if ckpt["args"]["p_uncond"] == 0  # it never saw ∅
             else guidance_lib.guided_eps)
     x = sample_lib.sample(model, labels, 3.0, sampler=sample_lib.FAST_SAMPLER, guidance=rule,
                           generator=torch.Generator().manual_seed(0))

@@ -309,7 +309,7 @@ def icg_eps(model, z, logsnr, labels, w, state=None, *, seed=0):
     return (1 + w) * eps_cond - w * eps_other
 
 
-TSG_SCALE = 1.0  # the spread of the perturbed λ, in λ units: a free parameter (notebook 05 maps it)
+TSG_SCALE = 1.0  # the spread of the perturbed λ, in λ units: free (notebook 07 tries 1 and 4)
 
 
 def tsg_eps(model, z, logsnr, labels, w, state=None, *, scale=TSG_SCALE, seed=0):

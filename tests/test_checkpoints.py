@@ -44,6 +44,16 @@ def test_each_scores_file_names_the_file_it_scored():
         assert all(row["n"] >= 1000 for row in scores["rows"]) and scores["real"]["n"] >= 1000
 
 
+def test_the_readme_gives_the_sha256_of_the_manifest_and_each_scores_file():
+    with open(os.path.join(SHIPPED, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    files = ["manifest.json"] + [f"scores/{f}" for f in os.listdir(os.path.join(SHIPPED, "scores"))]
+    for file in files:
+        with open(os.path.join(SHIPPED, file), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        assert f"| `{file}` |" in readme and f"`{digest}`" in readme, file
+
+
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_file_matches_its_sha256_size_and_readme(name):
     path = os.path.join(SHIPPED, f"{name}.pt")

@@ -154,3 +154,22 @@ def test_tilted_draws_have_the_importance_weighted_moments():
     y = toy.sample_data(torch.arange(3).repeat_interleave(3000), torch.Generator().manual_seed(6))
     shares = toy.mode_shares(y, torch.arange(3).repeat_interleave(3000))
     assert set(shares) == {1, 2, 3, 4} and abs(sum(shares.values()) - 2) < 1e-12
+
+
+def test_class_densities_bayes_accuracy_and_mode_shares_against_scipy():
+    """log p(x | c) at the data from scipy's normal densities of toy.COMPONENTS; the Bayes class
+    and each class's best-explaining component by argmax over them."""
+    from scipy.stats import multivariate_normal
+    g = torch.Generator().manual_seed(7)
+    labels = torch.arange(3).repeat_interleave(400)
+    x = toy.sample_data(labels, g) + 0.3 * torch.randn(1200, 2, generator=g, dtype=torch.float64)
+    comp = np.stack([pi * multivariate_normal(m, S.numpy()).pdf(x.numpy())
+                     for _, pi, m, S in toy.COMPONENTS], axis=1)  # (N, M) π_ck N(x; m_k, S_k)
+    owner = np.array([c for c, _, _, _ in toy.COMPONENTS])
+    dens = np.stack([comp[:, owner == c].sum(1) for c in range(3)], axis=1)
+    np.testing.assert_allclose(toy.log_class_densities(x).numpy(), np.log(dens), rtol=1e-10)
+    y = labels.numpy()
+    assert toy.bayes_accuracy(x, labels) == pytest.approx((dens.argmax(1) == y).mean(), abs=1e-12)
+    best = np.where(owner[None, :] == y[:, None], comp, -1).argmax(1)
+    for k, share in toy.mode_shares(x, labels).items():
+        assert share == pytest.approx((best[y == owner[k]] == k).mean(), abs=1e-12), k

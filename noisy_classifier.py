@@ -3,7 +3,7 @@
 Classifier guidance (Dhariwal & Nichol 2021) puts a trained classifier where CFG has the implicit
 one, p^i(c | z_λ) ∝ p(z_λ | c) / p(z_λ), on the paper's w axis (guidance.classifier_guided_eps):
 
-    ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)     base "uncond" (Dhariwal & Nichol, s = 1 + w)
+    ε̂ = ε_θ(z_λ) − (1 + w) σ_λ ∇_z log p_φ(c | z_λ)   base "uncond" (Dhariwal & Nichol: s = 1 + w)
     ε̂ = ε_θ(z_λ, c) − w σ_λ ∇_z log p_φ(c | z_λ)           base "cond" (the paper's equation)
 
 With exact scores and the exact classifier both equal CFG's ε̃ (tests/test_noisy_classifier.py). The

@@ -242,6 +242,31 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
     return cells
 
 
+STEPS_05 = (10, 24, 50, 256)  # notebook 05: CFG++ against CFG on the DDIM step at these T
+SEEDS_05 = (0, 1, 2)  # three noise sets, each paired across both rules and every T
+W_STEPS_05 = {"cfg": (0, 0.5, 1), "cfgpp": (-0.8, -0.4)}  # CFG's w; CFG++'s γ = 1 + w: 0.2, 0.6
+W_STEPS_05_256 = {"cfg": (0, 1), "cfgpp": (-0.8,)}  # at T = 256 (ten times the cost): fewer
+CFGPP_MIDDLE_05 = -0.6  # γ = 0.4, in a cell of its own at each T but 256
+
+
+def plan_05_steps(ckpt, n_per_class, steps=STEPS_05):
+    """notebook 05: CFG++ against CFG on the DDIM step at each T of `steps`, three noise sets
+    each. Seed s: image (c, j) starts from the noise of seed (s, c, j) in every cell of that s.
+    Cells are named ddim<T>-<rule>-s<seed>, and ddim<T>-cfgpp-g0.4-s<seed> for CFG++'s
+    CFGPP_MIDDLE_05; at T = 256 each rule runs at fewer strengths."""
+    cells = {}
+    for T in steps:
+        ws = W_STEPS_05_256 if T == 256 else W_STEPS_05
+        for seed in SEEDS_05:
+            base = [*common(ckpt, n_per_class, T, "ddim"), "--seed", seed]
+            cfgpp = [*base, "--guidance", "cfgpp", "--w"]
+            cells[f"ddim{T}-cfg-s{seed}"] = [*base, "--w", *ws["cfg"]]
+            cells[f"ddim{T}-cfgpp-s{seed}"] = [*cfgpp, *ws["cfgpp"]]
+            if T != 256:
+                cells[f"ddim{T}-cfgpp-g0.4-s{seed}"] = [*cfgpp, CFGPP_MIDDLE_05]
+    return cells
+
+
 def plan_06(cfg_ckpt, gft_ckpt, n_per_class, steps=None):
     """notebook 06: the guidance-free model (train.py --guidance-free) over CFG's w grid at
     one evaluation per step, and both models from a second noise set (--seed 1: image (c, j)
@@ -285,7 +310,7 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "04", "05", "06", "07"])
+    p.add_argument("study", choices=["02", "03", "04", "05", "05-steps", "06", "07"])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
@@ -319,6 +344,8 @@ def main():
         if not args.gft_ckpt:
             p.error("study 06 needs --gft-ckpt, the guidance-free model")
         cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
+    elif args.study == "05-steps":
+        cells = plan_05_steps(args.ckpt, args.n_per_class)
     elif args.study == "07":
         if not args.p0_ckpt:
             p.error("study 07 needs --p0-ckpt, a model trained with --p-uncond 0")

@@ -82,13 +82,15 @@ PROBES = {
         metrics=_metrics([results, floor]), expected=sorted(W),
         grids=[sorted(r) for r in results.values()], seconds=[unguided, *cost.values()])""",
     "05_guidance_family.ipynb": """dict(
-        metrics=_metrics([results, interval_map, floor]),
+        metrics=_metrics([results, interval_map, floor, steps_res, step_floor]),
         points=[len(pts) for pts in results.values()],
         nfe=[r["nfe"] for pts in results.values() for r in pts.values()],
         intervals=len(interval_map), chosen=CHOSEN in interval_map,
         map=len([1 for lo in study.MAP_LO for hi in study.MAP_HI if lo < hi]),
         headline=[h for hs in headline.values() for h in hs if h],
-        toy={n: [toy_res[n, T][:, 0].mean() for T in TOY_TS] for n in TOY_RULES})""",
+        toy={n: [toy_res[n, T][:, 0].mean() for T in TOY_TS] for n in TOY_RULES},
+        steps={f"{r} {T} {s}": sorted(c) for (r, T, s), c in steps_res.items()},
+        step_diffs=[d for ds, _ in step_diffs.values() for d in ds])""",
     "06_guidance_free.ipynb": """dict(
         metrics=_metrics(res),
         grids={f"{m} {s}": sorted(c) for (m, s), c in res["mnist"]["curves"].items()},
@@ -167,6 +169,12 @@ def check_05(v):
             assert dist == sorted(dist) and dist[-1] > 10 * dist[0], (rule, dist)
         else:  # DDIM and CFG settle
             assert abs(dist[-1] - dist[-2]) < abs(dist[0] - dist[-1]), (rule, dist)
+    # CFG++ against CFG at each T (quick: T = 2, 3), each rule on every noise set
+    ws = {"cfg": [0, 0.5, 1], "cfgpp": [-0.8, -0.6, -0.4]}
+    assert v["steps"] == {f"{r} {T} {s}": w for r, w in ws.items()
+                          for T in (2, 3) for s in (0, 1, 2)}, v["steps"]
+    assert len(v["step_diffs"]) == 3 * 2 * 3  # three γ at each of two T, on three sets
+    assert all(math.isfinite(d) for d in v["step_diffs"])
 
 
 def check_06(v):

@@ -111,3 +111,23 @@ def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_uncha
     (tmp_path / "ckpt.pt").write_bytes(b"b" * 64)  # retrained: same path and size, other bytes
     images, _, _ = study.run_cell("c", ["--ckpt", "ckpt.pt", "--w", 2], "cells")
     assert len(calls) == 3 and (images == 3).all()
+
+
+def test_the_cfgpp_step_plan_pairs_both_rules_on_the_ddim_step_at_each_t_and_noise_set():
+    """plan_05_steps: at each T and noise set, CFG and CFG++ on the DDIM step with that T and that
+    --seed (the same noise), from one checkpoint; CFG++'s γ = 1 + w inside its range [0, 1]."""
+    cells = study.plan_05_steps("ckpt.pt", 100)
+    assert len(cells) == (3 * len(study.STEPS_05) - 1) * len(study.SEEDS_05)  # γ = 0.4 but at 256
+    for T in study.STEPS_05:
+        for seed in study.SEEDS_05:
+            cfg, pp = cells[f"ddim{T}-cfg-s{seed}"], cells[f"ddim{T}-cfgpp-s{seed}"]
+            middle = [] if T == 256 else [cells[f"ddim{T}-cfgpp-g0.4-s{seed}"]]
+            assert all(m[:m.index("--w")] == pp[:pp.index("--w")] for m in middle)
+            for argv in (cfg, pp, *middle):
+                assert argv[argv.index("--sampler") + 1] == "ddim"
+                assert argv[argv.index("--steps") + 1] == T
+                assert argv[argv.index("--seed") + 1] == seed
+                assert argv[argv.index("--ckpt") + 1] == "ckpt.pt"
+            assert "--guidance" not in cfg and pp[pp.index("--guidance") + 1] == "cfgpp"
+            assert 0 in w_of(cfg) and len(w_of(cfg)) >= 2
+            assert all(0 <= 1 + w <= 1 for w in w_of(pp))

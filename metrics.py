@@ -91,6 +91,17 @@ def frechet_distance(feats_a, feats_b):
                                          *feature_statistics(feats_b))
 
 
+def frechet_terms(feats_a, feats_b):
+    """FID in its two parts, (mean term, covariance term), which sum to frechet_distance:
+    ‖μ_a − μ_b‖², how far apart the two sets' average features lie, and
+    tr C_a + tr C_b − 2 tr (C_a^{1/2} C_b C_a^{1/2})^{1/2}, how differently they spread. For
+    diagonal covariances the second is Σ_i (√a_i − √b_i)²: a set of clean, typical images whose
+    features spread more or less than the data's pays for it there even with the data's mean."""
+    (mu_a, cov_a), (mu_b, cov_b) = feature_statistics(feats_a), feature_statistics(feats_b)
+    mean = float((mu_a - mu_b) @ (mu_a - mu_b))
+    return mean, frechet_distance_from_moments(mu_a, cov_a, mu_b, cov_b) - mean
+
+
 def kernel_distance(feats_a, feats_b):
     """KID (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the squared
     maximum mean discrepancy of feature sets (N_a, D) and (N_b, D), with the cubic kernel

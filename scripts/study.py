@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +116,7 @@ def _crossing(a, b, accuracy):
     the NFE of the end that reaches it."""
     t = (accuracy - a["accuracy"]) / (b["accuracy"] - a["accuracy"])
     fid = math.exp((1 - t) * math.log(a["fid"]) + t * math.log(b["fid"]))
-    return fid, (b if b["accuracy"] >= accuracy else a)["nfe"]
+    return fid, (b if b["accuracy"] >= accuracy else a).get("nfe")
 
 
 def fid_at_accuracy(points, accuracy):
@@ -126,7 +127,7 @@ def fid_at_accuracy(points, accuracy):
     is the upper point's; a curve whose first point already reaches it gives that point."""
     seq = list(points)
     if seq and seq[0]["accuracy"] >= accuracy:
-        return seq[0]["fid"], seq[0]["nfe"]
+        return seq[0]["fid"], seq[0].get("nfe")
     for a, b in zip(seq, seq[1:]):
         if a["accuracy"] < accuracy <= b["accuracy"]:
             return _crossing(a, b, accuracy)
@@ -146,6 +147,33 @@ def lowest_fid_at_accuracy(points, accuracy):
         if low < accuracy <= high:
             found.append(_crossing(a, b, accuracy))
     return min(found, default=None)
+
+
+def curve_at(points, accuracy):
+    """(FID, where) of a curve at a class accuracy: "on" it (interpolated as fid_at_accuracy
+    does), or "below" / "above" the accuracies its points span (then its nearest end's FID).
+
+    points: the curve's metrics dicts ("fid", "accuracy") in order of strength."""
+    seq = list(points)
+    if accuracy < seq[0]["accuracy"]:
+        return seq[0]["fid"], "below"
+    if accuracy > seq[-1]["accuracy"]:
+        return seq[-1]["fid"], "above"
+    return fid_at_accuracy(seq, accuracy)[0], "on"
+
+
+def mean_sd(values, digits=2):
+    """"mean ± std" over noise sets (the std with ddof 1: the spread of one set's value)."""
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def verdict(diffs):
+    """A paired difference over noise sets, and whether it exceeds its noise: it does when it
+    has the same sign on every set and its mean is larger than its std."""
+    m, sd = np.mean(diffs), np.std(diffs, ddof=1)
+    clear = all(np.sign(diffs) == np.sign(m)) and abs(m) > sd
+    side = "lower" if m < 0 else "higher"
+    return f"{m:+8.2f} ± {sd:6.2f}: " + (f"{side} on every set" if clear else "within the spread")
 
 
 def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
@@ -187,15 +215,49 @@ def plan_03(ckpt, n_per_class, steps=None, ablation=(), check=True):
     return {**cells, "cfg-high": [*common(ckpt, n_per_class, steps), "--w", *W_HIGH_03]}
 
 
-def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None):
-    """notebook 04: classifier guidance over the w sweep, and CFG at the w that notebook 02's
-    grid lacks (its cells cfg-a, cfg-b give CFG at w = 0, 0.5, 1, 2, 3, 4 on the same
-    checkpoint and noise)."""
-    base = common(ckpt, n_per_class, steps)
+W_04 = (0, 0.5, 1, 2, 4, 6)  # notebook 04: every rule over these w
+W_04_MID = (0.2,)  # and CFG between w = 0 and 0.5, where its accuracy climbs from 0.95 to 0.99
+SEEDS_04 = (0, 1, 2)  # three noise sets, each paired across the three rules
+
+
+def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None, seeds=SEEDS_04):
+    """notebook 04: CFG and classifier guidance on both of its bases over W_04, on each noise
+    set of `seeds` (image (c, j) of seed s starts from the noise of seed (s, c, j) in every
+    cell of that s). Classifier guidance on the conditional base at w = 0 is the conditional
+    model itself, CFG's w = 0, so that cell starts at the next w. CFG's cell cfg-mid-s<seed>
+    adds W_04_MID, for reading CFG's FID at the accuracies of the other curves."""
     guide = ["--guidance", "classifier", "--guide-ckpt", classifier_ckpt]
-    return {"cfg-w6": [*base, "--w", 6],
-            "classifier-a": [*base, *guide, "--w", 0, 0.5, 1, 2],
-            "classifier-b": [*base, *guide, "--w", 3, 4, 6]}
+    cells = {}
+    for seed in seeds:
+        base = [*common(ckpt, n_per_class, steps), "--seed", seed]
+        cells[f"cfg-s{seed}"] = [*base, "--w", *W_04]
+        cells[f"classifier-uncond-s{seed}"] = [*base, *guide, "--w", *W_04]
+        cells[f"classifier-cond-s{seed}"] = [*base, *guide, "-p", "base=cond", "--w", *W_04[1:]]
+        cells[f"cfg-mid-s{seed}"] = [*base, "--w", *W_04_MID]
+    return cells
+
+
+W_FASHION = (0, 0.1, 0.2, 0.3, 0.5, 1)  # Fashion-MNIST: its lowest FID lies at small w
+GFT = ("--guidance", "guidance-free")  # one evaluation per step (train.py --guidance-free)
+
+
+def noise_sets(name, ckpt, n_per_class, ws, rule=(), steps=None, seeds=SEEDS_04):
+    """One cell per noise set: <name>-s<seed>, `ckpt` under `rule` over `ws`, image (c, j)
+    from the noise of seed (seed, c, j)."""
+    return {f"{name}-s{seed}": [*common(ckpt, n_per_class, steps), "--seed", seed, *rule,
+                                "--w", *ws] for seed in seeds}
+
+
+def plan_06_sets(n_per_class, steps=None):
+    """notebook 06: the shipped guidance-free models against the shipped CFG ones on three
+    noise sets: mnist-4k-gft over W_04 and W_04_MID (CFG's cells are notebook 04's cfg-s<seed>
+    and cfg-mid-s<seed>, the same noise), and Fashion-MNIST's CFG and guidance-free models over
+    W_FASHION."""
+    w_mnist = sorted(W_04 + W_04_MID)
+    return {**noise_sets("mnist-gft", "mnist-4k-gft", n_per_class, w_mnist, GFT, steps),
+            **noise_sets("fashion-cfg", "fashion-mnist", n_per_class, W_FASHION, (), steps),
+            **noise_sets("fashion-gft", "fashion-mnist-gft", n_per_class, W_FASHION, GFT,
+                         steps)}
 
 
 # notebook 05: the guidance interval's map over (λ_lo, λ_hi) at one w
@@ -310,8 +372,9 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "04", "05", "05-steps", "06", "07"])
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("study", choices=["02", "03", "04", "05", "05-steps", "06", "06-sets", "07"])
+    p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
+                   "reads the shipped models)")
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
                    help="02, 03: p_uncond ablation checkpoints")
@@ -335,6 +398,8 @@ def main():
     args = p.parse_args()
     i, n = map(int, args.part.split("/"))
     ablation = [tuple(item.split("=", 1)) for item in args.ablation]
+    if args.ckpt is None and args.study != "06-sets":
+        p.error(f"study {args.study} needs --ckpt, the diffusion model")
     if args.study in ("02", "03"):
         plan = plan_02 if args.study == "02" else plan_03
         cells = plan(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
@@ -344,6 +409,8 @@ def main():
         if not args.gft_ckpt:
             p.error("study 06 needs --gft-ckpt, the guidance-free model")
         cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
+    elif args.study == "06-sets":
+        cells = plan_06_sets(args.n_per_class)
     elif args.study == "05-steps":
         cells = plan_05_steps(args.ckpt, args.n_per_class)
     elif args.study == "07":

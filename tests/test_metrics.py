@@ -97,6 +97,24 @@ def test_frechet_distance_gaussian_closed_forms():
     assert metrics.frechet_distance(feats_a, feats_b) == pytest.approx(closed, abs=0.02)
 
 
+def test_frechet_terms_split_fid_into_its_mean_and_covariance_parts():
+    # b = 2 a + 3 exactly: μ_b = 2 μ_a + 3 and C_b = 4 C_a, so the mean term is ‖μ_a + 3‖² and
+    # the covariance term tr C_a + 4 tr C_a − 2 tr (4 C_a²)^{1/2} = tr C_a (float64 closed form)
+    rng = np.random.default_rng(3)
+    a = correlated_features(rng, 400, 16)
+    b = 2 * a + 3
+    mean, cov = metrics.frechet_terms(a, b)
+    assert mean == pytest.approx(np.sum((a.mean(0) + 3) ** 2), rel=1e-10)
+    assert cov == pytest.approx(np.trace(np.cov(a, rowvar=False)), rel=1e-8)
+    assert mean + cov == pytest.approx(metrics.frechet_distance(a, b), rel=1e-12)
+    # a shifted copy: all mean term; a set spread less around the same mean: all covariance
+    assert metrics.frechet_terms(a, a + 1)[1] == pytest.approx(0, abs=1e-8)
+    shrunk = a.mean(0) + 0.5 * (a - a.mean(0))
+    mean, cov = metrics.frechet_terms(shrunk, a)
+    assert mean == pytest.approx(0, abs=1e-20) and cov == pytest.approx(
+        0.25 * np.trace(np.cov(a, rowvar=False)), rel=1e-8)  # Σ (√a_i − √(a_i / 4))² = tr C / 4
+
+
 @pytest.mark.parametrize("noise", [0.0, 1e-10])
 def test_frechet_distance_near_singular_covariance(noise):
     # Features that live in a k-dim subspace of R^D (k < D and fewer samples than D): the

@@ -79,8 +79,9 @@ PROBES = {
         counts=[len(fast_images(w)[1]) for w in W_GRID + W_REVERSE],
         gpu_check=report["stages"]["cifar10"]["status"])""",
     "04_classifier_guidance.ipynb": """dict(
-        metrics=_metrics([results, floor]), expected=sorted(W),
-        grids=[sorted(r) for r in results.values()], seconds=[unguided, *cost.values()])""",
+        metrics=_metrics([curves, floor]), w=list(study.W_04), mid=list(study.W_04_MID),
+        grids={f"{r} {s}": sorted(c) for (r, s), c in curves.items()},
+        matched=[d for ds in matched.values() for d in ds], seconds=[unguided, *cost.values()])""",
     "05_guidance_family.ipynb": """dict(
         metrics=_metrics([results, interval_map, floor, steps_res, step_floor]),
         points=[len(pts) for pts in results.values()],
@@ -95,7 +96,8 @@ PROBES = {
         metrics=_metrics(res),
         grids={f"{m} {s}": sorted(c) for (m, s), c in res["mnist"]["curves"].items()},
         size=[(d.norm(dim=1) / at_one.norm(dim=1)).mean().item() for d in diffs.values()],
-        expected=sorted(W), cos=list(cos.values()))""",
+        expected=sorted(study.W_04 + study.W_04_MID), cos=list(cos.values()),
+        gft_vs_cfg=[d for ds in gft_vs_cfg.values() for d in ds])""",
     "07_guidance_without_null.ipynb": """dict(
         metrics=_metrics([curves, floor]), w=study.W_07,
         grids={f"{r} {s}": sorted(c) for (r, s), c in curves.items()},
@@ -153,7 +155,11 @@ def check_03(v):
 
 def check_04(v):
     assert_metrics(v["metrics"])
-    assert v["grids"] == [v["expected"]] * 2  # CFG and classifier guidance, every w
+    w, cfg = v["w"], sorted(v["w"] + v["mid"])  # every rule over W_04 on each of 3 noise sets
+    assert v["grids"] == {f"{r} {s}": cfg if r == "cfg" else w for r in
+                          ("cfg", "classifier-uncond", "classifier-cond") for s in (0, 1, 2)}
+    assert len(v["matched"]) == 3 * (2 * len(w) - 1)  # both bases but the cond base's w = 0
+    assert_finite(v["matched"])
     assert all(0 < s < math.inf for s in v["seconds"])
 
 
@@ -179,9 +185,9 @@ def check_05(v):
 
 def check_06(v):
     assert_metrics(v["metrics"])
-    w = v["expected"]  # the second noise set: CFG up to w = 1
-    assert v["grids"] == {"CFG 0": w, "GFT 0": w, "CFG 1": w[:6], "GFT 1": w}, v["grids"]
-    assert_finite(v["size"] + v["cos"])
+    w = v["expected"]  # both models over notebook 04's w on three noise sets
+    assert v["grids"] == {f"{m} {s}": w for m in ("CFG", "GFT") for s in (0, 1, 2)}, v["grids"]
+    assert_finite(v["size"] + v["cos"] + v["gft_vs_cfg"])
     assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in v["cos"])
 
 

@@ -131,3 +131,45 @@ def test_the_cfgpp_step_plan_pairs_both_rules_on_the_ddim_step_at_each_t_and_noi
             assert "--guidance" not in cfg and pp[pp.index("--guidance") + 1] == "cfgpp"
             assert 0 in w_of(cfg) and len(w_of(cfg)) >= 2
             assert all(0 <= 1 + w <= 1 for w in w_of(pp))
+
+
+def test_the_classifier_guidance_plan_pairs_cfg_and_both_bases_on_each_noise_set():
+    """plan_04: on each noise set, CFG and classifier guidance on both bases from one diffusion
+    model, sampler and --seed; the conditional base from its first w above 0 (at w = 0 it is the
+    conditional model, CFG's w = 0)."""
+    cells = study.plan_04("ckpt.pt", "clf.pt", 100)
+    assert len(cells) == 4 * len(study.SEEDS_04)
+    for seed in study.SEEDS_04:
+        cfg, unc, cond = (cells[f"{r}-s{seed}"] for r in ("cfg", "classifier-uncond",
+                                                            "classifier-cond"))
+        shared = cfg[:cfg.index("--w")]
+        for argv in (unc, cond):
+            assert argv[:len(shared)] == shared  # same model, sampler, count and noise
+            assert argv[argv.index("--guidance") + 1] == "classifier"
+            assert argv[argv.index("--guide-ckpt") + 1] == "clf.pt"
+        assert shared[shared.index("--seed") + 1] == seed and "--guidance" not in cfg
+        assert "-p" not in unc and cond[cond.index("-p") + 1] == "base=cond"
+        assert w_of(cfg) == w_of(unc) == list(study.W_04) and w_of(cond) == list(study.W_04[1:])
+        mid = cells[f"cfg-mid-s{seed}"]
+        assert mid[:mid.index("--w")] == shared and 0 < min(w_of(mid)) <= max(w_of(mid)) < 0.5
+
+
+def test_curve_at_interpolates_on_the_curve_and_names_the_side_off_it():
+    curve = [point(30.0, 0.95, 1.0), point(40.0, 0.97), point(90.0, 0.99)]
+    fid, where = study.curve_at(curve, 0.98)
+    assert where == "on" and fid == pytest.approx(60.0, rel=1e-12)  # √(40·90)
+    assert study.curve_at(curve, 0.5) == (30.0, "below")
+    assert study.curve_at(curve, 0.999) == (90.0, "above")
+    bare = [dict(fid=p["fid"], accuracy=p["accuracy"]) for p in curve]  # metrics without "nfe"
+    fid, where = study.curve_at(bare, 0.98)
+    assert where == "on" and fid == pytest.approx(60.0, rel=1e-12)
+    assert study.curve_at(bare, 0.95) == (30.0, "on")  # on its first point
+
+
+def test_verdict_calls_a_difference_clear_only_with_one_sign_and_above_its_spread():
+    assert study.verdict([-3.0, -2.0, -4.0]).endswith("lower on every set")  # mean −3, std 1
+    assert study.verdict([5.0, 7.0, 6.0]).endswith("higher on every set")
+    assert study.verdict([-3.0, 1.0, -4.0]).endswith("within the spread")  # signs differ
+    assert study.verdict([1.0, 0.1, 3.0]).endswith("within the spread")  # mean 1.37 < std 1.48
+    assert study.verdict([-3.0, -2.0, -4.0]).startswith("   -3.00 ±   1.00")
+    assert study.mean_sd([1.0, 2.0, 3.0]) == "2.00 ± 1.00"

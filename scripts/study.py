@@ -248,6 +248,19 @@ def noise_sets(name, ckpt, n_per_class, ws, rule=(), steps=None, seeds=SEEDS_04)
                                 "--w", *ws] for seed in seeds}
 
 
+W_CHECK_03 = (3, 4, 6)  # notebook 03: around JPEG CIFAR-10's lowest FID (w = 4 on one noise set)
+
+
+def plan_03_check(ckpt, n_per_class, seeds=SEEDS_04, steps=None):
+    """notebook 03: CIFAR-10's minimum over w checked: the fast sampler at W_CHECK_03 on three
+    noise sets, and Algorithm 2 (the ancestral sampler at T = 256, one cell per w, so that
+    parallel processes share them) on the first set."""
+    steps_256 = 4 if QUICK else 256
+    cells = {f"ancestral256-w{w}-s{seeds[0]}": [*common(ckpt, n_per_class, steps_256, "ancestral"),
+                                                "--seed", seeds[0], "--w", w] for w in W_CHECK_03}
+    return {**cells, **noise_sets("fast", ckpt, n_per_class, W_CHECK_03, steps=steps, seeds=seeds)}
+
+
 def plan_06_sets(n_per_class, steps=None):
     """notebook 06: the shipped guidance-free models against the shipped CFG ones on three
     noise sets: mnist-4k-gft over W_04 and W_04_MID (CFG's cells are notebook 04's cfg-s<seed>
@@ -372,7 +385,7 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "04", "05", "05-steps", "06", "06-sets", "07"])
+    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06", "06-sets", "07"])
     p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
                    "reads the shipped models)")
     p.add_argument("--n-per-class", type=int, default=100)
@@ -409,6 +422,8 @@ def main():
         if not args.gft_ckpt:
             p.error("study 06 needs --gft-ckpt, the guidance-free model")
         cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
+    elif args.study == "03-check":
+        cells = plan_03_check(args.ckpt, args.n_per_class)
     elif args.study == "06-sets":
         cells = plan_06_sets(args.n_per_class)
     elif args.study == "05-steps":

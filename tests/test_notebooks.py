@@ -74,7 +74,8 @@ PROBES = {
         grids=[sorted(fast(d)) for d in DATA], n=10 * N_PER_CLASS,
         counts=[len(fast_images(d, w)[1]) for d in DATA for w in W_GRID + W_REVERSE])""",
     "03_cifar10_tradeoff.ipynb": """dict(
-        metrics=_metrics([cells, floor]), expected=sorted(W_GRID + W_REVERSE),
+        metrics=_metrics([cells, floor, check, check_floor]), expected=sorted(W_GRID + W_REVERSE),
+        check={f"{m} {s}": sorted(c) for (m, s), c in check.items()}, check_w=study.W_CHECK_03,
         grids=[sorted(fast)], n=10 * N_PER_CLASS,
         counts=[len(fast_images(w)[1]) for w in W_GRID + W_REVERSE],
         gpu_check=report["stages"]["cifar10"]["status"])""",
@@ -151,6 +152,9 @@ def check_grid(v):  # notebooks 02, 03: every w scored, each from the same numbe
 def check_03(v):
     check_grid(v)
     assert v["gpu_check"] == "ok"  # the GPU stage's dry run on this CPU
+    w = v["check_w"]  # w = 4's neighbourhood: the fast sampler on 3 sets, Algorithm 2 on the first
+    assert v["check"] == {**{f"dpmpp2m-sde, T = 3 {s}": w for s in (0, 1, 2)},
+                          "ancestral, T = 4 0": w}, v["check"]
 
 
 def check_04(v):

@@ -173,3 +173,19 @@ def test_verdict_calls_a_difference_clear_only_with_one_sign_and_above_its_sprea
     assert study.verdict([1.0, 0.1, 3.0]).endswith("within the spread")  # mean 1.37 < std 1.48
     assert study.verdict([-3.0, -2.0, -4.0]).startswith("   -3.00 ±   1.00")
     assert study.mean_sd([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+
+
+def test_the_cifar10_check_plan_pairs_algorithm_2_with_the_fast_sampler_on_one_noise_set():
+    """plan_03_check: Algorithm 2 at T = 256 at each w around the minimum, on the noise of the
+    fast sampler's first set; the fast sampler at the same w on three sets."""
+    cells = study.plan_03_check("ckpt.pt", 100)
+    first = cells[f"fast-s{study.SEEDS_04[0]}"]
+    for w in study.W_CHECK_03:
+        a = cells[f"ancestral256-w{w}-s{study.SEEDS_04[0]}"]
+        assert a[a.index("--sampler") + 1] == "ancestral" and a[a.index("--steps") + 1] == 256
+        assert a[a.index("--seed") + 1] == first[first.index("--seed") + 1] and w_of(a) == [w]
+    for seed in study.SEEDS_04:
+        fast = cells[f"fast-s{seed}"]
+        assert fast[fast.index("--sampler") + 1] == study.FAST_SAMPLER and "--steps" not in fast
+        assert fast[fast.index("--seed") + 1] == seed and w_of(fast) == list(study.W_CHECK_03)
+    assert len(cells) == len(study.W_CHECK_03) + len(study.SEEDS_04)

@@ -385,9 +385,10 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06", "06-sets", "07"])
+    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06",
+                                     "06-sets", "07"])
     p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
-                   "reads the shipped models)")
+                   "reads the shipped models; shipped names work, e.g. cifar10-cpu)")
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
                    help="02, 03: p_uncond ablation checkpoints")

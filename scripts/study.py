@@ -220,32 +220,29 @@ W_04_MID = (0.2,)  # and CFG between w = 0 and 0.5, where its accuracy climbs fr
 SEEDS_04 = (0, 1, 2)  # three noise sets, each paired across the three rules
 
 
+def noise_sets(name, ckpt, n_per_class, ws, rule=(), steps=None, seeds=SEEDS_04):
+    """One cell per noise set: <name>-s<seed>, `ckpt` under `rule` over `ws`, image (c, j)
+    from the noise of seed (seed, c, j)."""
+    return {f"{name}-s{seed}": [*common(ckpt, n_per_class, steps), "--seed", seed, *rule,
+                                "--w", *ws] for seed in seeds}
+
+
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None, seeds=SEEDS_04):
     """notebook 04: CFG and classifier guidance on both of its bases over W_04, on each noise
     set of `seeds` (image (c, j) of seed s starts from the noise of seed (s, c, j) in every
     cell of that s). Classifier guidance on the conditional base at w = 0 is the conditional
     model itself, CFG's w = 0, so that cell starts at the next w. CFG's cell cfg-mid-s<seed>
     adds W_04_MID, for reading CFG's FID at the accuracies of the other curves."""
-    guide = ["--guidance", "classifier", "--guide-ckpt", classifier_ckpt]
-    cells = {}
-    for seed in seeds:
-        base = [*common(ckpt, n_per_class, steps), "--seed", seed]
-        cells[f"cfg-s{seed}"] = [*base, "--w", *W_04]
-        cells[f"classifier-uncond-s{seed}"] = [*base, *guide, "--w", *W_04]
-        cells[f"classifier-cond-s{seed}"] = [*base, *guide, "-p", "base=cond", "--w", *W_04[1:]]
-        cells[f"cfg-mid-s{seed}"] = [*base, "--w", *W_04_MID]
-    return cells
+    guide = ("--guidance", "classifier", "--guide-ckpt", classifier_ckpt)
+    return {**noise_sets("cfg", ckpt, n_per_class, W_04, (), steps, seeds),
+            **noise_sets("classifier-uncond", ckpt, n_per_class, W_04, guide, steps, seeds),
+            **noise_sets("classifier-cond", ckpt, n_per_class, W_04[1:],
+                         (*guide, "-p", "base=cond"), steps, seeds),
+            **noise_sets("cfg-mid", ckpt, n_per_class, W_04_MID, (), steps, seeds)}
 
 
-W_FASHION = (0, 0.1, 0.2, 0.3, 0.5, 1)  # Fashion-MNIST: its lowest FID lies at small w
+W_FASHION = (0, 0.1, 0.2, 0.3, 0.5, 1)  # Fashion-MNIST: the small w of the paper's minimum
 GFT = ("--guidance", "guidance-free")  # one evaluation per step (train.py --guidance-free)
-
-
-def noise_sets(name, ckpt, n_per_class, ws, rule=(), steps=None, seeds=SEEDS_04):
-    """One cell per noise set: <name>-s<seed>, `ckpt` under `rule` over `ws`, image (c, j)
-    from the noise of seed (seed, c, j)."""
-    return {f"{name}-s{seed}": [*common(ckpt, n_per_class, steps), "--seed", seed, *rule,
-                                "--w", *ws] for seed in seeds}
 
 
 W_CHECK_03 = (3, 4, 6)  # notebook 03: around JPEG CIFAR-10's lowest FID (w = 4 on one noise set)
@@ -366,15 +363,12 @@ def plan_07(cfg_ckpt, p0_ckpt, n_per_class, steps=None):
     (`cfg_ckpt`, p_uncond = 0.1, the same steps) over W_07, and CFG-Zero* and the linear
     strength schedule on the paper's network at its guided w. Seed s: image (c, j) starts from
     the noise of seed (s, c, j), the same for every cell of that s."""
-    cells = {}
-    for seed in SEEDS_07:
-        cfg = [*common(cfg_ckpt, n_per_class, steps), "--seed", seed]
-        cells[f"cfg-s{seed}"] = [*cfg, "--w", *W_07]
-        cells[f"icg-s{seed}"] = [*common(p0_ckpt, n_per_class, steps), "--seed", seed,
-                                 "--guidance", "icg", "--w", *W_07]
-        cells[f"cfg-zero-s{seed}"] = [*cfg, "--guidance", "cfg-zero", "--w", *W_07[1:]]
-        cells[f"schedule-s{seed}"] = [*cfg, "--guidance", "schedule", "--w", *W_07[1:]]
-    return cells
+    return {**noise_sets("cfg", cfg_ckpt, n_per_class, W_07, (), steps, SEEDS_07),
+            **noise_sets("icg", p0_ckpt, n_per_class, W_07, ("--guidance", "icg"), steps, SEEDS_07),
+            **noise_sets("cfg-zero", cfg_ckpt, n_per_class, W_07[1:], ("--guidance", "cfg-zero"),
+                         steps, SEEDS_07),
+            **noise_sets("schedule", cfg_ckpt, n_per_class, W_07[1:], ("--guidance", "schedule"),
+                         steps, SEEDS_07)}
 
 
 def number(text):

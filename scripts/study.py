@@ -8,15 +8,15 @@ re-executes without re-sampling and a retrained checkpoint is sampled again. The
 drawn beforehand in parallel processes, one thread each, from notebooks/ with its paths:
 
     cd notebooks
-    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt \\
-        --out ../out/studies/02-mnist --part 0/2 &
-    OMP_NUM_THREADS=1 python ../scripts/study.py 02 --ckpt ../out/mnist/ckpt.pt \\
-        --out ../out/studies/02-mnist --part 1/2
+    OMP_NUM_THREADS=1 python ../scripts/study.py 03 --ckpt cifar10-cpu \\
+        --out ../out/studies/03-cifar10 --part 0/2 &
+    OMP_NUM_THREADS=1 python ../scripts/study.py 03 --ckpt cifar10-cpu \\
+        --out ../out/studies/03-cifar10 --part 1/2
 
-Every cell uses sample.py's noise: image (class c, index j) starts from the noise of seed
-(0, c, j) whatever the w or rule, so settings are compared on the same noise. `Scorer` scores
-images with the project's metrics classifier against held-out real images
-(metrics.load_splits) and gives the real-data floor at the same count.
+Every cell uses sample.py's noise: image (class c, index j) of noise set s (--seed s, default
+0) starts from the noise of seed (s, c, j) whatever the w or rule, so settings are compared
+on the same noise. `Scorer` scores images with the project's metrics classifier against
+held-out real images (metrics.load_splits) and gives the real-data floor at the same count.
 """
 import json
 import math
@@ -37,6 +37,7 @@ from model import checkpoint_path  # noqa: E402
 from sample import FAST_SAMPLER  # noqa: E402
 
 OUT = os.path.join(REPO, "out", "studies")
+MANIFEST = os.path.join(REPO, "checkpoints", "manifest.json")  # the shipped files' SHA-256
 QUICK = os.environ.get("CFG_QUICK") == "1"  # CI: a few images and steps, to exercise the code
 
 
@@ -86,6 +87,24 @@ def cell_seconds(name, out_dir=OUT):
     with open(os.path.join(out_dir, f"{name}.json")) as f:
         info = json.load(f)
     return info["seconds"], info["threads"]
+
+
+def provenance(name, out_dir=OUT):
+    """A line on a cached cell: its wall time and threads, and for each checkpoint it read,
+    whether the SHA-256 recorded when it was drawn is that of the shipped file of the name it
+    was read by (for a path: the start of its SHA-256)."""
+    with open(os.path.join(out_dir, f"{name}.json")) as f:
+        info = json.load(f)
+    with open(MANIFEST) as f:
+        shipped = json.load(f)
+    parts = []
+    for arg, digest in info["inputs"].items():
+        if arg in shipped:
+            same = shipped[arg]["sha256"] == digest
+            parts.append(f"{arg}: {'the shipped file' if same else 'NOT the shipped file'}")
+        else:
+            parts.append(f"{arg}: sha256 {digest[:12]}…")
+    return f"{name}: {info['seconds']:.0f} s at {info['threads']} thread(s); " + "; ".join(parts)
 
 
 class Scorer:
@@ -182,37 +201,15 @@ def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
             "--batch-size", 250, *(["--steps", steps] if steps else [])]
 
 
-W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebooks 02 and 06
+W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebook 05's one noise set
 
 
-def plan_02(ckpt, n_per_class, steps=None, ablation=(), check=True, grid=W_GRID,
-            reverse=(-1, -2, -3)):
-    """notebook 02: CFG over the w grid (two cells, cfg-a and cfg-b, for two processes) and
-    reverse guidance, with the fast sampler; with `check`, w = 0 with the paper's ancestral
-    sampler at T = 256; for each (p_uncond, checkpoint) of the ablation, w = 0, 1, 3."""
-    half = (len(grid) + 1) // 2
+def plan_05_cfg(ckpt, n_per_class, steps=None):
+    """notebook 05: CFG over W_GRID on noise set 0, in two cells (cfg-a, cfg-b: two processes);
+    its folder is 02-mnist, where the first notebook 02 drew them."""
+    half = (len(W_GRID) + 1) // 2
     base = common(ckpt, n_per_class, steps)
-    cells = {"cfg-a": [*base, "--w", *grid[:half]],
-             "cfg-b": [*base, "--w", *grid[half:]],
-             "reverse": [*base, "--w", *reverse]}
-    if check:
-        steps_256 = 4 if QUICK else 256
-        cells["ancestral256"] = [*common(ckpt, n_per_class, steps_256, "ancestral"), "--w", 0]
-    for p, path in ablation:
-        cells[f"p{p}"] = [*common(path, n_per_class, steps), "--w", 0, 1, 3]
-    return cells
-
-
-W_GRID_03 = [0, 0.1, 0.3, 0.5, 1, 2, 3, 4]  # notebook 03's (CIFAR-10) w grid, and its reverse w
-W_REVERSE_03 = [-1, -2]
-W_HIGH_03 = [6, 8]  # past the grid: the CPU model's FID still falls at w = 4
-
-
-def plan_03(ckpt, n_per_class, steps=None, ablation=(), check=True):
-    """notebook 03 (CIFAR-10): notebook 02's cells over its own w grid and reverse w, and
-    the grid's continuation to larger w (cell cfg-high)."""
-    cells = plan_02(ckpt, n_per_class, steps, ablation, check, W_GRID_03, W_REVERSE_03)
-    return {**cells, "cfg-high": [*common(ckpt, n_per_class, steps), "--w", *W_HIGH_03]}
+    return {"cfg-a": [*base, "--w", *W_GRID[:half]], "cfg-b": [*base, "--w", *W_GRID[half:]]}
 
 
 W_04 = (0, 0.5, 1, 2, 4, 6)  # notebook 04: every rule over these w
@@ -225,6 +222,47 @@ def noise_sets(name, ckpt, n_per_class, ws, rule=(), steps=None, seeds=SEEDS_04)
     from the noise of seed (seed, c, j)."""
     return {f"{name}-s{seed}": [*common(ckpt, n_per_class, steps), "--seed", seed, *rule,
                                 "--w", *ws] for seed in seeds}
+
+
+def algorithm2(ckpt, n_per_class, w, seed=SEEDS_04[0]):
+    """{name: argv}: one cell of Algorithm 2 as the paper runs it (the ancestral sampler at
+    T = 256, v = 0.3) at one w on noise set `seed` (ten times the fast sampler's cost: one
+    cell per w, so that parallel processes share them)."""
+    steps = 4 if QUICK else 256
+    return {f"ancestral256-w{w}-s{seed}": [*common(ckpt, n_per_class, steps, "ancestral"),
+                                           "--seed", seed, "--w", w]}
+
+
+W_REVERSE = (-1, -2, -3)  # notebook 02: reverse guidance, w = -1 is the unconditional model
+W_HIGH_02 = (2, 4, 6)  # Fashion-MNIST's CFG past W_FASHION, to notebook 04's largest w
+W_ABLATION = (0, 0.2, 0.5, 1, 2, 4)  # the p_uncond ablation: accuracy from unguided to 1
+
+
+def plan_02(ckpt, n_per_class, steps=None, high=(), ablation=(), check=True, seeds=SEEDS_04):
+    """notebook 02's own cells on each noise set of `seeds` (its CFG curves are notebook 04's
+    cfg cells on mnist-4k and 06-sets' fashion-cfg cells, the same noise): reverse guidance
+    over W_REVERSE; CFG at the w of `high`; for each (p_uncond, checkpoint) of `ablation`, CFG
+    over W_ABLATION; with `check`, w = 0 by Algorithm 2 on the first set."""
+    cells = noise_sets("reverse", ckpt, n_per_class, W_REVERSE, steps=steps, seeds=seeds)
+    if high:
+        cells.update(noise_sets("cfg-high", ckpt, n_per_class, high, steps=steps, seeds=seeds))
+    for p, path in ablation:
+        cells.update(noise_sets(f"p{p}", path, n_per_class, W_ABLATION, steps=steps, seeds=seeds))
+    return {**cells, **(algorithm2(ckpt, n_per_class, 0, seeds[0]) if check else {})}
+
+
+W_03 = (0, 0.3, 1, 2)  # notebook 03: CFG below W_CHECK_03 (03-check's cells), so w = 0 … 6
+W_REVERSE_03 = (-1, -2)
+
+
+def plan_03(ckpt, n_per_class, steps=None, check=True, seeds=SEEDS_04):
+    """notebook 03 (JPEG CIFAR-10): CFG over W_03 on each noise set of `seeds` (above it, the
+    03-check cells: the same noise), reverse guidance over W_REVERSE_03 on the first set,
+    and with `check`, w = 0 by Algorithm 2 on the first set."""
+    cells = noise_sets("cfg", ckpt, n_per_class, W_03, steps=steps, seeds=seeds)
+    cells.update(noise_sets("reverse", ckpt, n_per_class, W_REVERSE_03, steps=steps,
+                            seeds=seeds[:1]))
+    return {**cells, **(algorithm2(ckpt, n_per_class, 0, seeds[0]) if check else {})}
 
 
 def plan_04(ckpt, classifier_ckpt, n_per_class, steps=None, seeds=SEEDS_04):
@@ -250,11 +288,10 @@ W_CHECK_03 = (3, 4, 6)  # notebook 03: around JPEG CIFAR-10's lowest FID (w = 4 
 
 def plan_03_check(ckpt, n_per_class, seeds=SEEDS_04, steps=None):
     """notebook 03: CIFAR-10's minimum over w checked: the fast sampler at W_CHECK_03 on three
-    noise sets, and Algorithm 2 (the ancestral sampler at T = 256, one cell per w, so that
-    parallel processes share them) on the first set."""
-    steps_256 = 4 if QUICK else 256
-    cells = {f"ancestral256-w{w}-s{seeds[0]}": [*common(ckpt, n_per_class, steps_256, "ancestral"),
-                                                "--seed", seeds[0], "--w", w] for w in W_CHECK_03}
+    noise sets, and Algorithm 2 at each w of W_CHECK_03 on the first set."""
+    cells = {}
+    for w in W_CHECK_03:
+        cells.update(algorithm2(ckpt, n_per_class, w, seeds[0]))
     return {**cells, **noise_sets("fast", ckpt, n_per_class, W_CHECK_03, steps=steps, seeds=seeds)}
 
 
@@ -339,20 +376,6 @@ def plan_05_steps(ckpt, n_per_class, steps=STEPS_05):
     return cells
 
 
-def plan_06(cfg_ckpt, gft_ckpt, n_per_class, steps=None):
-    """notebook 06: the guidance-free model (train.py --guidance-free) over CFG's w grid at
-    one evaluation per step, and both models from a second noise set (--seed 1: image (c, j)
-    starts from the noise of seed (1, c, j)): the guidance-free one over the whole grid, the
-    CFG one up to w = 1, where the matched accuracies lie. CFG's first noise set is
-    notebook 02's cells cfg-a and cfg-b (seed 0)."""
-    gft = [*common(gft_ckpt, n_per_class, steps), "--guidance", "guidance-free"]
-    cfg = common(cfg_ckpt, n_per_class, steps)
-    return {"gft-a": [*gft, "--w", *W_GRID[:5]],
-            "gft-b": [*gft, "--w", *W_GRID[5:]],
-            "gft-seed1": [*gft, "--seed", 1, "--w", *W_GRID],
-            "cfg-seed1": [*cfg, "--seed", 1, "--w", *W_GRID[:6]]}
-
-
 W_07 = [0, 0.2, 0.5, 1]  # notebook 07: mnist-4k's accuracy climbs from 0.94 to 1.00 by w = 1
 SEEDS_07 = (0, 1, 2)  # three noise sets, each paired across every rule and model
 
@@ -379,19 +402,19 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06",
-                                     "06-sets", "07"])
+    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06-sets",
+                                     "07"])
     p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
                    "reads the shipped models; shipped names work, e.g. cifar10-cpu)")
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--ablation", nargs="*", default=[], metavar="P=CKPT",
-                   help="02, 03: p_uncond ablation checkpoints")
+                   help="02: p_uncond ablation checkpoints")
+    p.add_argument("--high", type=number, nargs="*", default=[], metavar="W",
+                   help="02: CFG at these w too (Fashion-MNIST: 2 4 6)")
     p.add_argument("--classifier-ckpt",
                    help="04: the noise-conditional classifier (noisy_classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT",
                    help="05: autoguidance's bad models")
-    p.add_argument("--gft-ckpt", help="06: the guidance-free model (train.py "
-                   "--guidance-free); --ckpt: the CFG one")
     p.add_argument("--p0-ckpt", help="07: a model trained with --p-uncond 0; --ckpt: the "
                    "paper's (p_uncond = 0.1)")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"),
@@ -408,15 +431,13 @@ def main():
     ablation = [tuple(item.split("=", 1)) for item in args.ablation]
     if args.ckpt is None and args.study != "06-sets":
         p.error(f"study {args.study} needs --ckpt, the diffusion model")
-    if args.study in ("02", "03"):
-        plan = plan_02 if args.study == "02" else plan_03
-        cells = plan(args.ckpt, args.n_per_class, ablation=ablation, check=not args.no_check)
+    if args.study == "02":
+        cells = plan_02(args.ckpt, args.n_per_class, high=args.high, ablation=ablation,
+                        check=not args.no_check)
+    elif args.study == "03":
+        cells = plan_03(args.ckpt, args.n_per_class, check=not args.no_check)
     elif args.study == "04":
         cells = plan_04(args.ckpt, args.classifier_ckpt, args.n_per_class)
-    elif args.study == "06":
-        if not args.gft_ckpt:
-            p.error("study 06 needs --gft-ckpt, the guidance-free model")
-        cells = plan_06(args.ckpt, args.gft_ckpt, args.n_per_class)
     elif args.study == "03-check":
         cells = plan_03_check(args.ckpt, args.n_per_class)
     elif args.study == "06-sets":

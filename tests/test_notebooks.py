@@ -70,14 +70,18 @@ PROBES = {
                     for c in range(NUM_CLASSES)],
         finite=[x.isfinite().all().item() for x in samples.values()])""",
     "02_mnist_tradeoff.ipynb": """dict(
-        metrics=_metrics(studies), expected=sorted(W_GRID + W_REVERSE),
-        grids=[sorted(fast(d)) for d in DATA], n=10 * N_PER_CLASS,
-        counts=[len(fast_images(d, w)[1]) for d in DATA for w in W_GRID + W_REVERSE])""",
+        metrics=_metrics(res), datasets=list(DATA), n=10 * N_PER_CLASS,
+        grids={f"{d} {c} {s}": sorted(cv) for d in DATA for (c, s), cv in res[d]["curves"].items()},
+        cfg={"mnist": sorted(study.W_04 + study.W_04_MID + study.W_REVERSE),
+             "fashion-mnist": sorted(study.W_FASHION + study.W_HIGH_02 + study.W_REVERSE)},
+        ablation=list(study.W_ABLATION), seeds=SEEDS,
+        counts=[len(y) for d in DATA for _, y in res[d]["images"].values()],
+        diffs=[x for ds in ablation_diffs.values() for x in ds])""",
     "03_cifar10_tradeoff.ipynb": """dict(
-        metrics=_metrics([cells, floor, check, check_floor]), expected=sorted(W_GRID + W_REVERSE),
-        check={f"{m} {s}": sorted(c) for (m, s), c in check.items()}, check_w=study.W_CHECK_03,
-        grids=[sorted(fast)], n=10 * N_PER_CLASS,
-        counts=[len(fast_images(w)[1]) for w in W_GRID + W_REVERSE],
+        metrics=_metrics([curves, floor]), n=10 * N_PER_CLASS, seeds=SEEDS,
+        grids={f"{m} {s}": sorted(c) for (m, s), c in curves.items()},
+        fast=sorted(study.W_03 + study.W_CHECK_03), reverse=list(study.W_REVERSE_03),
+        alg2=[0, *study.W_CHECK_03], counts=[len(y) for _, y in images.values()],
         gpu_check=report["stages"]["cifar10"]["status"])""",
     "04_classifier_guidance.ipynb": """dict(
         metrics=_metrics([curves, floor]), w=list(study.W_04), mid=list(study.W_04_MID),
@@ -143,18 +147,28 @@ def check_01(v):
     assert sum(losses[-20:]) < 0.75 * sum(losses[:20])  # Algorithm 1 fits the toy network
 
 
-def check_grid(v):  # notebooks 02, 03: every w scored, each from the same number of images
+def check_02(v):
+    """CFG on each noise set over notebook 04's (mnist) or 06's and the higher (Fashion) w with
+    reverse guidance, the ablation's two models on each set, Algorithm 2 at w = 0 on the first."""
     assert_metrics(v["metrics"])
-    assert all(grid == v["expected"] for grid in v["grids"]), v["grids"]
+    expected = {f"{d} CFG {s}": v["cfg"][d] for d in v["datasets"] for s in v["seeds"]}
+    expected.update({f"mnist p = {p} {s}": v["ablation"] for p in (0.2, 0.5) for s in v["seeds"]})
+    expected[f"mnist Algorithm 2 {v['seeds'][0]}"] = [0]
+    assert v["grids"] == expected, v["grids"]
     assert v["counts"] and set(v["counts"]) == {v["n"]}, v["counts"]
+    assert_finite(v["diffs"])
 
 
 def check_03(v):
-    check_grid(v)
+    """The fast sampler from w = -2 to 6 on the first noise set and from 0 to 6 on the others,
+    Algorithm 2 at w = 0 and around the minimum on the first; the GPU stage's dry run."""
+    assert_metrics(v["metrics"])
+    first, *others = v["seeds"]
+    expected = {f"fast {first}": sorted(v["reverse"] + v["fast"]),
+                f"Algorithm 2 {first}": v["alg2"], **{f"fast {s}": v["fast"] for s in others}}
+    assert v["grids"] == expected, v["grids"]
+    assert v["counts"] and set(v["counts"]) == {v["n"]}, v["counts"]
     assert v["gpu_check"] == "ok"  # the GPU stage's dry run on this CPU
-    w = v["check_w"]  # w = 4's neighbourhood: the fast sampler on 3 sets, Algorithm 2 on the first
-    assert v["check"] == {**{f"dpmpp2m-sde, T = 3 {s}": w for s in (0, 1, 2)},
-                          "ancestral, T = 4 0": w}, v["check"]
 
 
 def check_04(v):
@@ -211,7 +225,7 @@ def check_07(v):
 
 
 CHECKS = {"00_walkthrough.ipynb": check_00, "01_implicit_classifier.ipynb": check_01,
-          "02_mnist_tradeoff.ipynb": check_grid, "03_cifar10_tradeoff.ipynb": check_03,
+          "02_mnist_tradeoff.ipynb": check_02, "03_cifar10_tradeoff.ipynb": check_03,
           "04_classifier_guidance.ipynb": check_04, "05_guidance_family.ipynb": check_05,
           "06_guidance_free.ipynb": check_06, "07_guidance_without_null.ipynb": check_07}
 

@@ -61,23 +61,55 @@ def w_of(argv):
     return argv[argv.index("--w") + 1:]
 
 
-@pytest.mark.parametrize("plan, grid, reverse", [
-    (study.plan_02, [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4], [-1, -2, -3]),
-    (study.plan_03, [0, 0.1, 0.3, 0.5, 1, 2, 3, 4], [-1, -2])])
-def test_a_study_plan_draws_every_w_once_from_one_checkpoint_and_sampler(plan, grid, reverse):
-    cells = plan("ckpt.pt", 100, ablation=[(0.2, "p0.2.pt")])
-    assert w_of(cells["cfg-a"]) + w_of(cells["cfg-b"]) == grid and w_of(cells["reverse"]) == reverse
-    ckpts = {c[c.index("--ckpt") + 1] for name, c in cells.items() if name != "p0.2"}
-    assert ckpts == {"ckpt.pt"}
-    shared = cells["cfg-a"][:cells["cfg-a"].index("--w")]  # all but the w values
-    assert cells["cfg-b"][:cells["cfg-b"].index("--w")] == shared
-    check = cells["ancestral256"]
+def shared_part(argv):
+    """A cell's command line without its --seed and --w values: model, sampler, count, rule."""
+    head = argv[:argv.index("--w")]
+    return head[:head.index("--seed")] + head[head.index("--seed") + 2:]
+
+
+def test_notebook_02s_plan_draws_each_setting_on_every_noise_set_from_one_sampler():
+    """plan_02: reverse guidance, the higher w and each ablation model on every noise set (the
+    seeds of notebook 04's CFG cells, which hold its CFG curve), on the fast sampler; Algorithm
+    2 at w = 0 on the first set only."""
+    cells = study.plan_02("ckpt.pt", 100, high=(2, 4, 6), ablation=[(0.2, "p0.2.pt")])
+    fast = study.common("ckpt.pt", 100)
+    for seed in study.SEEDS_04:
+        rev, high, abl = (cells[f"{n}-s{seed}"] for n in ("reverse", "cfg-high", "p0.2"))
+        for argv in (rev, high, abl):
+            assert argv[argv.index("--seed") + 1] == seed and "--guidance" not in argv
+        assert shared_part(rev) == shared_part(high) == fast
+        assert shared_part(abl) == study.common("p0.2.pt", 100)
+        assert w_of(rev) == [-1, -2, -3] and w_of(high) == [2, 4, 6]
+        assert w_of(abl) == list(study.W_ABLATION) and w_of(abl)[0] == 0
+    check = cells[f"ancestral256-w0-s{study.SEEDS_04[0]}"]
     assert check[check.index("--sampler") + 1] == "ancestral"
-    assert check[check.index("--steps") + 1] == 256
-    assert w_of(check) == [0] and w_of(cells["p0.2"]) == [0, 1, 3]
-    assert "ancestral256" not in plan("ckpt.pt", 100, check=False)
-    if plan is study.plan_03:  # and past its grid, from the same checkpoint, sampler and noise
-        assert w_of(cells["cfg-high"]) == [6, 8] and cells["cfg-high"][:-3] == shared
+    assert check[check.index("--steps") + 1] == 256 and w_of(check) == [0]
+    assert len(cells) == 3 * len(study.SEEDS_04) + 1
+    plain = study.plan_02("ckpt.pt", 100, check=False)
+    assert sorted(plain) == [f"reverse-s{s}" for s in study.SEEDS_04]
+
+
+def test_notebook_03s_plan_continues_the_check_cells_to_small_w_on_the_same_noise():
+    """plan_03: CFG below the 03-check cells' w on the same three noise sets and sampler, so that
+    together they span w = 0 … 6 on every set; reverse guidance and Algorithm 2 on the first."""
+    cells, check = study.plan_03("ckpt.pt", 100), study.plan_03_check("ckpt.pt", 100)
+    for seed in study.SEEDS_04:
+        cfg, fast = cells[f"cfg-s{seed}"], check[f"fast-s{seed}"]
+        assert cfg[:cfg.index("--w")] == fast[:fast.index("--w")]  # the same model and noise
+        assert max(w_of(cfg)) < min(w_of(fast)) and w_of(cfg)[0] == 0
+    first = study.SEEDS_04[0]
+    rev = cells[f"reverse-s{first}"]
+    assert shared_part(rev) == study.common("ckpt.pt", 100) and w_of(rev) == [-1, -2]
+    assert cells[f"ancestral256-w0-s{first}"][:-1] == check[f"ancestral256-w3-s{first}"][:-1]
+    assert len(cells) == len(study.SEEDS_04) + 2
+    assert f"ancestral256-w0-s{first}" not in study.plan_03("ckpt.pt", 100, check=False)
+
+
+def test_notebook_05s_cfg_grid_is_one_noise_set_in_two_cells():
+    cells = study.plan_05_cfg("ckpt.pt", 100)
+    assert w_of(cells["cfg-a"]) + w_of(cells["cfg-b"]) == study.W_GRID
+    assert cells["cfg-a"][:cells["cfg-a"].index("--w")] == study.common("ckpt.pt", 100)
+    assert cells["cfg-b"][:cells["cfg-b"].index("--w")] == study.common("ckpt.pt", 100)
 
 
 def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(
@@ -189,3 +221,18 @@ def test_the_cifar10_check_plan_pairs_algorithm_2_with_the_fast_sampler_on_one_n
         assert fast[fast.index("--sampler") + 1] == study.FAST_SAMPLER and "--steps" not in fast
         assert fast[fast.index("--seed") + 1] == seed and w_of(fast) == list(study.W_CHECK_03)
     assert len(cells) == len(study.W_CHECK_03) + len(study.SEEDS_04)
+
+
+def test_provenance_names_the_shipped_file_only_when_its_hash_matches(tmp_path):
+    """study.provenance: a cell that read a shipped name with the manifest's SHA-256 is the
+    shipped file; another SHA-256 under that name is not; a path gets its hash's start."""
+    with open(study.MANIFEST) as f:
+        shipped = json.load(f)["mnist-4k"]["sha256"]
+    cells = {"a": {"mnist-4k": shipped}, "b": {"mnist-4k": "0" * 64},
+             "c": {"../out/m.pt": "ab" * 32}}
+    for name, inputs in cells.items():
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump(dict(argv=[], inputs=inputs, seconds=12.4, threads=1), f)
+    assert study.provenance("a", tmp_path) == "a: 12 s at 1 thread(s); mnist-4k: the shipped file"
+    assert study.provenance("b", tmp_path).endswith("mnist-4k: NOT the shipped file")
+    assert study.provenance("c", tmp_path).endswith("../out/m.pt: sha256 abababababab…")

@@ -320,6 +320,25 @@ def interval_rule(lo, hi):
     return ["--guidance", "interval", "-p", f"logsnr_lo={lo}", f"logsnr_hi={hi}"]
 
 
+def autoguidance_rule(path):
+    """sample.py's arguments for autoguidance with the bad model at `path`."""
+    return ["--guidance", "autoguidance", "--guide-ckpt", path]
+
+
+def auto_w(name):
+    """Autoguidance's w for a bad model: the worst (name "602", the step-602 checkpoint) only
+    w = 0.5 and 1, the others 0.5 … 3."""
+    return [0.5, 1] if name == "602" else [0.5, 1, 2, 3]
+
+
+RULES_05 = {  # notebook 05: the nonlinear rules' sample.py arguments and their w
+    "rescale": (["--guidance", "rescale"], [1, 2, 4]),
+    "apg": (["--guidance", "apg"], [1, 2, 4]),  # the paper's defaults
+    "apg-projection": (["--guidance", "apg", "-p", "r=inf", "beta=0"], [1, 2, 4]),  # alone
+    "dthresh": (["--clip", 0.995], [1, 2, 4]),
+}
+
+
 def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
     """notebook 05: the rules after the paper (guidance.py) on one checkpoint and noise.
 
@@ -338,14 +357,8 @@ def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
     if interval is not None:
         cells["interval-sweep"] = [*base, *interval_rule(*interval), "--w", 0.5, 1, 3, 4]
     for name, path in guide_ckpts.items():
-        ws = [0.5, 1] if name == "602" else [0.5, 1, 2, 3]
-        cells[f"auto-{name}"] = [*base, "--guidance", "autoguidance", "--guide-ckpt", path,
-                                 "--w", *ws]
-    cells["rescale"] = [*base, "--guidance", "rescale", "--w", 1, 2, 4]
-    cells["apg"] = [*base, "--guidance", "apg", "--w", 1, 2, 4]
-    cells["apg-projection"] = [*base, "--guidance", "apg", "-p", "r=inf", "beta=0",
-                               "--w", 1, 2, 4]
-    cells["dthresh"] = [*base, "--clip", 0.995, "--w", 1, 2, 4]
+        cells[f"auto-{name}"] = [*base, *autoguidance_rule(path), "--w", *auto_w(name)]
+    cells.update({name: [*base, *rule, "--w", *ws] for name, (rule, ws) in RULES_05.items()})
     cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
     cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--w", *CFGPP_W]
     return cells
@@ -376,6 +389,35 @@ def plan_05_steps(ckpt, n_per_class, steps=STEPS_05):
     return cells
 
 
+INTERVAL_05 = (-4, 0)  # notebook 05's chosen guidance interval (λ_lo, λ_hi)
+W_INTERVAL_05 = (0.5, 1, 2, 3, 4)
+
+
+def plan_05_sets(ckpt, guide_ckpts, n_per_class, steps=None, interval=INTERVAL_05,
+                 seeds=SEEDS_05):
+    """The rules of notebook 05 on each noise set of `seeds`, for its main study on the shipped
+    model (`study.py 05-sets`; the notebook still reads plan_05's one-set cells). CFG's curve
+    is notebook 04's cfg cells, and CFG and CFG++ on the DDIM step at T = 24 are
+    plan_05_steps' cells, on the same noise. Here: the interval map at w = MAP_W on the first
+    set (its whole range is CFG itself), the chosen `interval` over W_INTERVAL_05,
+    autoguidance with each bad model of `guide_ckpts` ({name: path}) and the rules of
+    RULES_05, each on every set."""
+    first = seeds[:1]
+    cells = {}
+    for lo in MAP_LO:
+        for hi in [hi for hi in MAP_HI if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])]:
+            cells.update(noise_sets(f"interval{lo:+d}{hi:+d}", ckpt, n_per_class, [MAP_W],
+                                    interval_rule(lo, hi), steps, first))
+    cells.update(noise_sets("interval", ckpt, n_per_class, W_INTERVAL_05,
+                            interval_rule(*interval), steps, seeds))
+    for name, path in guide_ckpts.items():
+        cells.update(noise_sets(f"auto-{name}", ckpt, n_per_class, auto_w(name),
+                                autoguidance_rule(path), steps, seeds))
+    for name, (rule, ws) in RULES_05.items():
+        cells.update(noise_sets(name, ckpt, n_per_class, ws, rule, steps, seeds))
+    return cells
+
+
 W_07 = [0, 0.2, 0.5, 1]  # notebook 07: mnist-4k's accuracy climbs from 0.94 to 1.00 by w = 1
 SEEDS_07 = (0, 1, 2)  # three noise sets, each paired across every rule and model
 
@@ -402,8 +444,8 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-steps", "06-sets",
-                                     "07"])
+    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-sets", "05-steps",
+                                     "06-sets", "07"])
     p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
                    "reads the shipped models; shipped names work, e.g. cifar10-cpu)")
     p.add_argument("--n-per-class", type=int, default=100)
@@ -414,11 +456,11 @@ def main():
     p.add_argument("--classifier-ckpt",
                    help="04: the noise-conditional classifier (noisy_classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT",
-                   help="05: autoguidance's bad models")
+                   help="05, 05-sets: autoguidance's bad models")
     p.add_argument("--p0-ckpt", help="07: a model trained with --p-uncond 0; --ckpt: the "
                    "paper's (p_uncond = 0.1)")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"),
-                   help="05: the interval for its w sweep")
+                   help="05: the interval for its w sweep; 05-sets: default -4 0")
     p.add_argument("--no-check", action="store_true",
                    help="02, 03: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
@@ -444,6 +486,10 @@ def main():
         cells = plan_06_sets(args.n_per_class)
     elif args.study == "05-steps":
         cells = plan_05_steps(args.ckpt, args.n_per_class)
+    elif args.study == "05-sets":
+        guides = dict(item.split("=", 1) for item in args.guide_ckpt)
+        cells = plan_05_sets(args.ckpt, guides, args.n_per_class,
+                             interval=args.interval or INTERVAL_05)
     elif args.study == "07":
         if not args.p0_ckpt:
             p.error("study 07 needs --p0-ckpt, a model trained with --p-uncond 0")

@@ -236,3 +236,34 @@ def test_provenance_names_the_shipped_file_only_when_its_hash_matches(tmp_path):
     assert study.provenance("a", tmp_path) == "a: 12 s at 1 thread(s); mnist-4k: the shipped file"
     assert study.provenance("b", tmp_path).endswith("mnist-4k: NOT the shipped file")
     assert study.provenance("c", tmp_path).endswith("../out/m.pt: sha256 abababababab…")
+
+
+def test_notebook_05s_rules_on_noise_sets_pair_every_rule_with_cfg_on_one_model():
+    """plan_05_sets: the interval map on the first noise set only; the chosen interval,
+    autoguidance and the nonlinear rules on every set, from one model and sampler (notebook 04's
+    CFG cells, the same --seed, hold CFG's curve); plan_05 keeps its one-set commands."""
+    cells = study.plan_05_sets("ckpt.pt", {"1205": "bad.pt", "602": "worse.pt"}, 100)
+    fast = study.common("ckpt.pt", 100)
+    cfg = study.plan_04("ckpt.pt", "clf.pt", 100)
+    for name, argv in cells.items():
+        seed = argv[argv.index("--seed") + 1]
+        assert argv[:argv.index("--seed")] == fast and seed in study.SEEDS_05
+        assert argv[:argv.index("--seed") + 2] == cfg[f"cfg-s{seed}"][:len(fast) + 2]
+        assert name.endswith(f"-s{seed}")
+    maps = [n for n in cells if n.startswith("interval") and not n.startswith("interval-s")]
+    assert maps and all(n.endswith(f"-s{study.SEEDS_05[0]}") for n in maps)
+    assert all(w_of(cells[n]) == [study.MAP_W] for n in maps)
+    for seed in study.SEEDS_05:
+        interval = cells[f"interval-s{seed}"]
+        assert interval[interval.index("-p") + 1:interval.index("--w")] == ["logsnr_lo=-4",
+                                                                           "logsnr_hi=0"]
+        assert w_of(cells[f"auto-602-s{seed}"]) == [0.5, 1]
+        assert w_of(cells[f"auto-1205-s{seed}"]) == [0.5, 1, 2, 3]
+        assert cells[f"auto-1205-s{seed}"][-7:-5] == ["--guide-ckpt", "bad.pt"]
+        dthresh = cells[f"dthresh-s{seed}"]
+        assert w_of(dthresh) == [1, 2, 4] and "--clip" in dthresh
+    one = study.plan_05("ckpt.pt", {"602": "worse.pt"}, 100)
+    assert one["apg-projection"] == [*fast, "--guidance", "apg", "-p", "r=inf", "beta=0", "--w",
+                                      1, 2, 4]
+    assert one["auto-602"] == [*fast, "--guidance", "autoguidance", "--guide-ckpt", "worse.pt",
+                               "--w", 0.5, 1]

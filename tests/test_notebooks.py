@@ -89,8 +89,9 @@ PROBES = {
         matched=[d for ds in matched.values() for d in ds], seconds=[unguided, *cost.values()])""",
     "05_guidance_family.ipynb": """dict(
         metrics=_metrics([results, interval_map, floor, steps_res, step_floor]),
-        points=[len(pts) for pts in results.values()],
-        nfe=[r["nfe"] for pts in results.values() for r in pts.values()],
+        points=[len(pts) for sets in results.values() for pts in sets.values()],
+        sets=[sorted(sets) for sets in results.values()], seeds=SEEDS,
+        nfe=[r["nfe"] for sets in results.values() for pts in sets.values() for r in pts.values()],
         intervals=len(interval_map), chosen=CHOSEN in interval_map,
         map=len([1 for lo in study.MAP_LO for hi in study.MAP_HI if lo < hi]),
         headline=[h for hs in headline.values() for h in hs if h],
@@ -184,6 +185,7 @@ def check_04(v):
 def check_05(v):
     assert_metrics(v["metrics"])
     assert min(v["points"]) >= 3  # every rule over several strengths
+    assert all(sets == v["seeds"] for sets in v["sets"])  # on every noise set
     assert all(1 <= nfe <= 2 for nfe in v["nfe"]), v["nfe"]
     assert v["intervals"] == v["map"] and v["chosen"]  # the whole interval map, and its pick
     for fid, nfe in v["headline"]:

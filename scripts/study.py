@@ -201,17 +201,6 @@ def common(ckpt, n_per_class, steps=None, sampler=FAST_SAMPLER):
             "--batch-size", 250, *(["--steps", steps] if steps else [])]
 
 
-W_GRID = [0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4]  # CFG's w grid of notebook 05's one noise set
-
-
-def plan_05_cfg(ckpt, n_per_class, steps=None):
-    """notebook 05: CFG over W_GRID on noise set 0, in two cells (cfg-a, cfg-b: two processes);
-    its folder is 02-mnist, where the first notebook 02 drew them."""
-    half = (len(W_GRID) + 1) // 2
-    base = common(ckpt, n_per_class, steps)
-    return {"cfg-a": [*base, "--w", *W_GRID[:half]], "cfg-b": [*base, "--w", *W_GRID[half:]]}
-
-
 W_04 = (0, 0.5, 1, 2, 4, 6)  # notebook 04: every rule over these w
 W_04_MID = (0.2,)  # and CFG between w = 0 and 0.5, where its accuracy climbs from 0.95 to 0.99
 SEEDS_04 = (0, 1, 2)  # three noise sets, each paired across the three rules
@@ -312,9 +301,6 @@ def plan_06_sets(n_per_class, steps=None):
 MAP_W = 2
 MAP_LO, MAP_HI = ((-20, -4), (0, 20)) if QUICK else ((-20, -8, -4, 0), (-4, 0, 4, 8, 20))
 
-CFGPP_W = (-0.8, -0.6, -0.4, -0.2)  # CFG++'s γ = 1 + w = 0.2 … 0.8 across its range [0, 1]
-
-
 def interval_rule(lo, hi):
     """sample.py's arguments for CFG in the λ interval [lo, hi]."""
     return ["--guidance", "interval", "-p", f"logsnr_lo={lo}", f"logsnr_hi={hi}"]
@@ -337,31 +323,6 @@ RULES_05 = {  # notebook 05: the nonlinear rules' sample.py arguments and their 
     "apg-projection": (["--guidance", "apg", "-p", "r=inf", "beta=0"], [1, 2, 4]),  # alone
     "dthresh": (["--clip", 0.995], [1, 2, 4]),
 }
-
-
-def plan_05(ckpt, guide_ckpts, n_per_class, steps=None, interval=None):
-    """notebook 05: the rules after the paper (guidance.py) on one checkpoint and noise.
-
-    - the interval rule at w = MAP_W for each (λ_lo, λ_hi) of the map (the whole range is
-      CFG itself: notebook 02's cell cfg-b); with `interval`, that interval over a w sweep;
-    - autoguidance with each bad model of `guide_ckpts` ({name: path}), w = 0.5 … 3 (the
-      worst, name "602", the step-602 checkpoint: w = 0.5 and 1);
-    - CFG rescale, APG (the papers' defaults, and its projection alone: no norm cap, no
-      momentum) and dynamic thresholding over a w sweep;
-    - CFG++ over its γ = 1 + w with the DDIM step, beside CFG with the same DDIM step."""
-    base = common(ckpt, n_per_class, steps)
-    ddim = common(ckpt, n_per_class, steps or 24, "ddim")
-    cells = {f"interval{lo:+d}{hi:+d}": [*base, *interval_rule(lo, hi), "--w", MAP_W]
-             for lo in MAP_LO for hi in MAP_HI
-             if lo < hi and (lo, hi) != (MAP_LO[0], MAP_HI[-1])}
-    if interval is not None:
-        cells["interval-sweep"] = [*base, *interval_rule(*interval), "--w", 0.5, 1, 3, 4]
-    for name, path in guide_ckpts.items():
-        cells[f"auto-{name}"] = [*base, *autoguidance_rule(path), "--w", *auto_w(name)]
-    cells.update({name: [*base, *rule, "--w", *ws] for name, (rule, ws) in RULES_05.items()})
-    cells["ddim-cfg"] = [*ddim, "--w", 0, 1, 2]
-    cells["cfgpp"] = [*ddim, "--guidance", "cfgpp", "--w", *CFGPP_W]
-    return cells
 
 
 STEPS_05 = (10, 24, 50, 256)  # notebook 05: CFG++ against CFG on the DDIM step at these T
@@ -395,11 +356,9 @@ W_INTERVAL_05 = (0.5, 1, 2, 3, 4)
 
 def plan_05_sets(ckpt, guide_ckpts, n_per_class, steps=None, interval=INTERVAL_05,
                  seeds=SEEDS_05):
-    """The rules of notebook 05 on each noise set of `seeds`, for its main study on the shipped
-    model (`study.py 05-sets`; the notebook still reads plan_05's one-set cells). CFG's curve
-    is notebook 04's cfg cells, and CFG and CFG++ on the DDIM step at T = 24 are
-    plan_05_steps' cells, on the same noise. Here: the interval map at w = MAP_W on the first
-    set (its whole range is CFG itself), the chosen `interval` over W_INTERVAL_05,
+    """notebook 05: the later rules with the fast sampler on each noise set of `seeds` (CFG's
+    curve is notebook 04's cfg cells, on the same noise): the interval map at w = MAP_W on the
+    first set (its whole range is CFG itself), the chosen `interval` over W_INTERVAL_05,
     autoguidance with each bad model of `guide_ckpts` ({name: path}) and the rules of
     RULES_05, each on every set."""
     first = seeds[:1]
@@ -444,7 +403,7 @@ def number(text):
 
 def main():
     p = cli.parser("study.py", __doc__)
-    p.add_argument("study", choices=["02", "03", "03-check", "04", "05", "05-sets", "05-steps",
+    p.add_argument("study", choices=["02", "03", "03-check", "04", "05-sets", "05-steps",
                                      "06-sets", "07"])
     p.add_argument("--ckpt", help="the diffusion model (every study but 06-sets, which "
                    "reads the shipped models; shipped names work, e.g. cifar10-cpu)")
@@ -456,11 +415,11 @@ def main():
     p.add_argument("--classifier-ckpt",
                    help="04: the noise-conditional classifier (noisy_classifier.py)")
     p.add_argument("--guide-ckpt", nargs="*", default=[], metavar="NAME=CKPT",
-                   help="05, 05-sets: autoguidance's bad models")
+                   help="05-sets: autoguidance's bad models")
     p.add_argument("--p0-ckpt", help="07: a model trained with --p-uncond 0; --ckpt: the "
                    "paper's (p_uncond = 0.1)")
     p.add_argument("--interval", type=number, nargs=2, metavar=("LO", "HI"),
-                   help="05: the interval for its w sweep; 05-sets: default -4 0")
+                   help="05-sets: the interval for its w sweep (default -4 0)")
     p.add_argument("--no-check", action="store_true",
                    help="02, 03: without the T = 256 ancestral cell")
     p.add_argument("--cells", nargs="*", help="only these cells (names)")
@@ -486,17 +445,14 @@ def main():
         cells = plan_06_sets(args.n_per_class)
     elif args.study == "05-steps":
         cells = plan_05_steps(args.ckpt, args.n_per_class)
-    elif args.study == "05-sets":
-        guides = dict(item.split("=", 1) for item in args.guide_ckpt)
-        cells = plan_05_sets(args.ckpt, guides, args.n_per_class,
-                             interval=args.interval or INTERVAL_05)
     elif args.study == "07":
         if not args.p0_ckpt:
             p.error("study 07 needs --p0-ckpt, a model trained with --p-uncond 0")
         cells = plan_07(args.ckpt, args.p0_ckpt, args.n_per_class)
     else:
         guides = dict(item.split("=", 1) for item in args.guide_ckpt)
-        cells = plan_05(args.ckpt, guides, args.n_per_class, interval=args.interval)
+        cells = plan_05_sets(args.ckpt, guides, args.n_per_class,
+                             interval=args.interval or INTERVAL_05)
     for name in [c for c in cells if args.cells is None or c in args.cells][i::n]:
         start = time.perf_counter()
         run_cell(name, cells[name], args.out)

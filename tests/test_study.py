@@ -105,13 +105,6 @@ def test_notebook_03s_plan_continues_the_check_cells_to_small_w_on_the_same_nois
     assert f"ancestral256-w0-s{first}" not in study.plan_03("ckpt.pt", 100, check=False)
 
 
-def test_notebook_05s_cfg_grid_is_one_noise_set_in_two_cells():
-    cells = study.plan_05_cfg("ckpt.pt", 100)
-    assert w_of(cells["cfg-a"]) + w_of(cells["cfg-b"]) == study.W_GRID
-    assert cells["cfg-a"][:cells["cfg-a"].index("--w")] == study.common("ckpt.pt", 100)
-    assert cells["cfg-b"][:cells["cfg-b"].index("--w")] == study.common("ckpt.pt", 100)
-
-
 def test_a_cached_cell_is_reused_only_while_its_command_and_checkpoint_are_unchanged(
         tmp_path, monkeypatch):
     """run_cell samples (here a stand-in for sample.py that records each call) the first time,
@@ -241,7 +234,7 @@ def test_provenance_names_the_shipped_file_only_when_its_hash_matches(tmp_path):
 def test_notebook_05s_rules_on_noise_sets_pair_every_rule_with_cfg_on_one_model():
     """plan_05_sets: the interval map on the first noise set only; the chosen interval,
     autoguidance and the nonlinear rules on every set, from one model and sampler (notebook 04's
-    CFG cells, the same --seed, hold CFG's curve); plan_05 keeps its one-set commands."""
+    CFG cells, the same --seed, hold CFG's curve)."""
     cells = study.plan_05_sets("ckpt.pt", {"1205": "bad.pt", "602": "worse.pt"}, 100)
     fast = study.common("ckpt.pt", 100)
     cfg = study.plan_04("ckpt.pt", "clf.pt", 100)
@@ -262,8 +255,3 @@ def test_notebook_05s_rules_on_noise_sets_pair_every_rule_with_cfg_on_one_model(
         assert cells[f"auto-1205-s{seed}"][-7:-5] == ["--guide-ckpt", "bad.pt"]
         dthresh = cells[f"dthresh-s{seed}"]
         assert w_of(dthresh) == [1, 2, 4] and "--clip" in dthresh
-    one = study.plan_05("ckpt.pt", {"602": "worse.pt"}, 100)
-    assert one["apg-projection"] == [*fast, "--guidance", "apg", "-p", "r=inf", "beta=0", "--w",
-                                      1, 2, 4]
-    assert one["auto-602"] == [*fast, "--guidance", "autoguidance", "--guide-ckpt", "worse.pt",
-                               "--w", 0.5, 1]
